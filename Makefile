@@ -1,0 +1,52 @@
+# hpcml: two commands do all set-up on a fresh machine:
+#   make demo   # install, start the local 2-node Slurm cluster, run a 2 nodes x 2 ranks training job
+#   make test   # the whole test suite, end-to-end cluster tests included
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel; a bare `torch` would pull several GB of CUDA wheels. On a GPU cluster use the CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+CLUSTER_STATE ?= $(CURDIR)/.cluster
+APT_PACKAGES := slurm-wlm slurmdbd munge mariadb-server openmpi-bin libopenmpi-dev
+PYTEST_ARGS ?=
+
+.PHONY: help deps install cluster-up cluster-down cluster-status demo test test-fast lint clean
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+deps:  ## apt packages: Slurm, munge, MariaDB, Open MPI (skipped when all are installed)
+	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -q && apt-get install -y -q $(APT_PACKAGES); }
+
+install: $(VENV)/.installed  ## virtualenv with hpcml (editable) and test tools
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+cluster-up: deps install  ## start the local 2-node Slurm cluster (idempotent)
+	$(PY) -m hpcml.localcluster up --state-dir $(CLUSTER_STATE)
+
+cluster-down:  ## stop it (state stays in .cluster/)
+	$(PY) -m hpcml.localcluster down --state-dir $(CLUSTER_STATE)
+
+cluster-status:  ## daemons and sinfo
+	$(PY) -m hpcml.localcluster status --state-dir $(CLUSTER_STATE)
+
+demo: cluster-up  ## a real 2 nodes x 2 ranks data-parallel job on the local cluster, followed to the end
+	$(PY) jobs/train.py cluster=local launch.wait=true launch.poll_s=2
+
+test: deps install cluster-up  ## every test, the real-cluster ones included
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: deps install  ## unit and local-MPI tests; skips the slow real-cluster tests
+	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check hpcml jobs tests
+
+clean:
+	rm -rf outputs/runs outputs/slurm-*.out .pytest_cache

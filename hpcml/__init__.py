@@ -1,0 +1,1 @@
+"""hpcml: PyTorch data-parallel training as Slurm batch jobs, from a Hydra config to a verified result."""

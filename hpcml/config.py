@@ -1,0 +1,265 @@
+"""Typed config schemas for a training job, registered with Hydra so a typo fails at submit time.
+
+Each field carries a comment saying why it exists; `__post_init__` checks what a type cannot and raises
+`ConfigError` with a sentence the user can act on. `validate()` turns Hydra's DictConfig into these
+dataclasses, which runs every check, on the login node, before anything reaches Slurm.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from hpcml.errors import ConfigError
+
+BACKENDS = ("auto", "gloo", "nccl")
+GRAD_SYNCS = ("ddp", "mpi")
+DATASETS = ("digits", "synthetic", "npz")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, f"{key}={value!r} is not one of {', '.join(allowed)}; pick one of those.")
+
+
+@dataclass
+class ClusterConfig:
+    # Shown in logs and job names; 'none' trains right here, 'local' is the Makefile's cluster.
+    name: str = "none"
+    # True: the login-node process submits a Slurm job through submitit and returns. False: it trains itself
+    # (alone, or as one rank of the mpirun/torchrun world it was started in).
+    submit: bool = False
+    # Site scheduling knobs, passed to sbatch as they are; None leaves the site default.
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    nodes: int = 1
+    tasks_per_node: int = 1
+    cpus_per_task: int = 1
+    # One rank per GPU is the rule for NCCL; 0 means a CPU job (gloo).
+    gpus_per_node: int = 0
+    mem_gb: int | None = None
+    time_min: int = 60
+    # srun starts one task per rank; with PMIx (--mpi=pmix) mpi4py in every task joins one MPI world.
+    # --kill-on-bad-exit: a rank that dies takes the step down, so its peers cannot hang in a collective.
+    srun_args: list[str] = field(default_factory=lambda: ["--mpi=pmix", "--kill-on-bad-exit=1"])
+    # Shell lines run in the batch script before the ranks start (module load, conda activate, ...).
+    setup: list[str] = field(default_factory=list)
+    # Environment for every rank; OMP_NUM_THREADS=1 stops ranks sharing a node from oversubscribing it.
+    env: dict[str, str] = field(default_factory=lambda: {"OMP_NUM_THREADS": "1"})
+
+    def __post_init__(self) -> None:
+        _require(
+            re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None,
+            f"cluster.name={self.name!r}: use letters, digits, '_', '.' and '-' only (it becomes the Slurm job name).",
+        )
+        _require(
+            self.nodes >= 1, f"cluster.nodes={self.nodes}: a job needs at least 1 node; set cluster.nodes=1 or more."
+        )
+        _require(
+            self.tasks_per_node >= 1,
+            f"cluster.tasks_per_node={self.tasks_per_node}: each node runs at least 1 rank; set it to 1 or more.",
+        )
+        _require(self.cpus_per_task >= 1, f"cluster.cpus_per_task={self.cpus_per_task} must be 1 or more.")
+        _require(self.gpus_per_node >= 0, f"cluster.gpus_per_node={self.gpus_per_node} cannot be negative.")
+        _require(self.time_min >= 1, f"cluster.time_min={self.time_min}: Slurm needs a time limit of 1 minute or more.")
+        if self.gpus_per_node:
+            _require(
+                self.tasks_per_node == self.gpus_per_node,
+                f"cluster.tasks_per_node={self.tasks_per_node} but gpus_per_node={self.gpus_per_node}: "
+                "hpcml runs one rank per GPU; set both to the same number.",
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+@dataclass
+class LaunchConfig:
+    # Block until the submitted job ends and print its result (make demo). The default returns as soon as
+    # Slurm accepts the job, so a login shell is never held hostage.
+    wait: bool = False
+    # Seconds between state polls while waiting.
+    poll_s: float = 5.0
+
+
+@dataclass
+class ModelConfig:
+    # A multi-layer perceptron: small enough for CPUs, and its size (width x depth) sets how
+    # compute-bound or communication-bound a benchmark is.
+    width: int = 64
+    depth: int = 2
+
+    def __post_init__(self) -> None:
+        _require(
+            self.width >= 1 and self.depth >= 1,
+            f"model.width={self.width}, model.depth={self.depth}: both must be 1 or more.",
+        )
+
+
+@dataclass
+class DataConfig:
+    # digits: scikit-learn's bundled 8x8 images (real data, no download); synthetic: a seeded teacher
+    # problem of any size, for benchmarks; npz: arrays x (N, D) and y (N,) from `path`.
+    name: str = "digits"
+    path: str | None = None
+    # Synthetic problem size.
+    num_samples: int = 4096
+    input_dim: int = 64
+    num_classes: int = 10
+    # Held-out share for the accuracy figure; the split is seeded so every rank and every run agrees.
+    test_fraction: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _one_of("data.name", self.name, DATASETS)
+        _require(
+            0.0 < self.test_fraction < 1.0,
+            f"data.test_fraction={self.test_fraction} must lie strictly between 0 and 1.",
+        )
+        if self.name == "npz":
+            _require(self.path is not None, "data.name=npz needs data.path=/path/to/file.npz holding arrays x and y.")
+            _require(
+                Path(self.path).is_file(),
+                f"data.path={self.path} does not exist; give a file every node can read (a shared filesystem path).",
+            )
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _one_of("optim.name", self.name, OPTIMIZERS)
+        _require(self.lr > 0, f"optim.lr={self.lr} must be positive.")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    # The global batch is split evenly across ranks, so the run means the same thing at any world size.
+    global_batch_size: int = 64
+    seed: int = 0
+    log_every: int = 10
+    # auto: nccl when CUDA is there (one GPU per rank), gloo otherwise.
+    backend: str = "auto"
+    # ddp: torch DistributedDataParallel; mpi: one flat all-reduce of all gradients through mpi4py.
+    grad_sync: str = "ddp"
+    # DDP's gradient bucket size and whether grads alias the buckets (saves a copy per step).
+    ddp_bucket_cap_mb: float = 25.0
+    gradient_as_bucket_view: bool = True
+    # A collective that waits longer than this fails instead of hanging the job.
+    dist_timeout_s: int = 300
+    # Where rank 0 writes metrics, logs and results; the Hydra run directory by default.
+    output_dir: str = "outputs/manual"
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, f"train.steps={self.steps} must be 1 or more.")
+        _require(self.global_batch_size >= 1, f"train.global_batch_size={self.global_batch_size} must be 1 or more.")
+        _require(self.log_every >= 1, f"train.log_every={self.log_every} must be 1 or more.")
+        _one_of("train.backend", self.backend, BACKENDS)
+        _one_of("train.grad_sync", self.grad_sync, GRAD_SYNCS)
+
+
+@dataclass
+class FaultConfig:
+    # Deliberate failures for drills and tests: prove that one failing rank ends the whole job promptly.
+    raise_at_step: int | None = None
+    rank: int = 0
+
+
+@dataclass
+class TrainJobConfig:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+
+    def __post_init__(self) -> None:
+        if self.cluster.submit:
+            world = self.cluster.world_size
+            _require(
+                self.train.global_batch_size % world == 0,
+                f"train.global_batch_size={self.train.global_batch_size} does not split evenly over "
+                f"{world} ranks ({self.cluster.nodes} nodes x {self.cluster.tasks_per_node}); make it a multiple of {world}.",
+            )
+
+
+def register_configs() -> None:
+    """Make the schema the base of conf/train.yaml, so unknown keys and wrong types fail in Hydra."""
+    ConfigStore.instance().store(name="train_schema", node=TrainJobConfig)
+
+
+def validate(cfg: DictConfig | dict[str, Any]) -> TrainJobConfig:
+    """Resolve and check a config; every problem comes back as one ConfigError naming the key."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainJobConfig), cfg)
+        return OmegaConf.to_object(merged)  # builds the dataclasses, which runs every __post_init__
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as err:
+        cause = err.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(f"invalid config: {err}") from err
+
+
+def to_plain_dict(cfg: TrainJobConfig) -> dict[str, Any]:
+    """A picklable, resolved copy of the config to ship to the compute nodes."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def _launcher_rank(environ: dict[str, str] | None = None) -> int:
+    """This process's rank as its launcher set it, read before MPI or torch are up (0 when alone)."""
+    from hpcml.env import detect_environment
+
+    return detect_environment(environ).placement().rank
+
+
+def run_stamp() -> str:
+    """A timestamp naming this run's directory, the same on every rank.
+
+    Under mpirun each rank runs Hydra itself; rank clocks may straddle a second, so rank 0's stamp is
+    broadcast over MPI (which the runtime would initialise moments later anyway).
+    """
+    import time
+
+    from hpcml.env import detect_environment
+
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    env = detect_environment()
+    if env.uses_mpi and env.placement().world_size > 1:
+        from hpcml import mpi
+
+        stamp = mpi.world().broadcast(stamp)
+    return stamp
+
+
+def hydra_output_subdir() -> str | None:
+    """Only rank 0 writes Hydra's .hydra/ folder; N ranks writing one file would interleave it."""
+    return ".hydra" if _launcher_rank() == 0 else None
+
+
+def register_resolvers() -> None:
+    for name, fn in (("hpcml_run_stamp", run_stamp), ("hpcml_hydra_subdir", hydra_output_subdir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn, use_cache=True)

@@ -1,0 +1,25 @@
+"""Every error hpcml raises on purpose: one class per kind of problem, each message says the fix."""
+
+
+class HpcmlError(Exception):
+    """Base class: something a user can act on, described in the message."""
+
+
+class ConfigError(HpcmlError, ValueError):
+    """A config value is invalid or inconsistent; raised on the login node before anything is submitted."""
+
+
+class EnvironmentDetectionError(HpcmlError):
+    """No launcher environment matched, or the variables of the one that did are malformed."""
+
+
+class RendezvousError(HpcmlError):
+    """The ranks could not agree on a rendezvous address or start torch.distributed."""
+
+
+class SubmissionError(HpcmlError):
+    """Slurm refused the job, or the cluster lacks what the config asks for."""
+
+
+class DataError(HpcmlError):
+    """The training data is missing or not in the expected format."""

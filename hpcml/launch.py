@@ -1,0 +1,128 @@
+"""From a validated config to a Slurm job: preflight checks, the submitit executor, and following a job.
+
+Everything that can be checked on the login node is checked before submission, so a bad config never
+leaves a half-submitted job behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from hpcml import slurm
+from hpcml.config import TrainJobConfig, to_plain_dict, validate
+from hpcml.errors import SubmissionError
+from hpcml.trainer import RESULT_FILE
+
+log = logging.getLogger(__name__)
+
+JOB_FOLDER = "slurm"
+
+
+class TrainingJob:
+    """The picklable callable submitit runs on every rank: rebuild the config, run the runtime."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+
+    def __call__(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        from hpcml.runtime import run_training
+
+        return asdict(run_training(validate(self.config)))
+
+
+def preflight(cfg: TrainJobConfig) -> None:
+    """Refuse, before submitting, what the cluster cannot run."""
+    c = cfg.cluster
+    available = slurm.partitions()
+    if c.partition is not None and c.partition not in available:
+        raise SubmissionError(
+            f"cluster.partition={c.partition} does not exist on this cluster; available: "
+            f"{', '.join(sorted(available))}. Set cluster.partition to one of them."
+        )
+    chosen = available.get(c.partition) if c.partition else next((p for p in available.values() if p.is_default), None)
+    if chosen is not None and c.nodes > chosen.nodes:
+        raise SubmissionError(
+            f"cluster.nodes={c.nodes} but partition {chosen.name} has only {chosen.nodes} nodes; lower cluster.nodes."
+        )
+
+
+def make_executor(cfg: TrainJobConfig, folder: Path) -> submitit.SlurmExecutor:
+    c = cfg.cluster
+    executor = submitit.SlurmExecutor(folder=folder)
+    params: dict[str, Any] = dict(
+        job_name=f"hpcml-{c.name}",
+        nodes=c.nodes,
+        ntasks_per_node=c.tasks_per_node,
+        cpus_per_task=c.cpus_per_task,
+        time=c.time_min,
+        srun_args=list(c.srun_args),
+        setup=[*c.setup, *(f"export {k}={_shell_quote(v)}" for k, v in c.env.items())],
+        stderr_to_stdout=False,
+    )
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(c, key) is not None:
+            params[key] = getattr(c, key)
+    if c.gpus_per_node:
+        params["gpus_per_node"] = c.gpus_per_node
+    if c.mem_gb is not None:
+        params["mem"] = f"{c.mem_gb}GB"
+    executor.update_parameters(**params)
+    return executor
+
+
+def _shell_quote(value: str) -> str:
+    return shlex.quote(str(value))
+
+
+def render_sbatch(cfg: TrainJobConfig, folder: Path) -> str:
+    """The exact batch script `submit` would hand to sbatch (submitit renders it; this asks it to)."""
+    executor = make_executor(cfg, folder)
+    return executor._make_submission_file_text(executor._submitit_command_str, uid="render")
+
+
+def submit(cfg: TrainJobConfig) -> submitit.Job:
+    preflight(cfg)
+    output_dir = Path(cfg.train.output_dir).resolve()
+    folder = output_dir / JOB_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)  # submitit pickles live here, and loading a pickle runs code
+    executor = make_executor(cfg, folder)
+    job = executor.submit(TrainingJob(to_plain_dict(cfg)))
+    print(f"submitted Slurm job {job.job_id}: {cfg.cluster.nodes} nodes x {cfg.cluster.tasks_per_node} ranks")
+    print(f"  outputs: {output_dir}")
+    print(f"  rank 0 log: {job.paths.stderr}")
+    print(f"  follow:  squeue -j {job.job_id}   |   tail -f {job.paths.stderr}")
+    return job
+
+
+def wait_for(job: submitit.Job, output_dir: str | Path, poll_s: float) -> dict[str, Any]:
+    """Block until the job ends; return its result.json, or raise with the failure and where to look."""
+    last_state = None
+    # Done means Slurm says the job ended, not merely that rank 0 wrote its result: only then are the
+    # accounting records and every rank's log final.
+    while True:
+        state = job.watcher.get_state(job.job_id, mode="force")
+        if state != last_state:
+            print(f"job {job.job_id}: {state}", flush=True)
+            last_state = state
+        if job.watcher.is_done(job.job_id, mode="cache"):
+            break
+        time.sleep(poll_s)
+    final_state = state
+    try:
+        job.results()  # one entry per rank; raises with the failing rank's traceback
+    except Exception as err:  # submitit raises FailedJobError / UncompletedJobError with the rank's traceback
+        raise SubmissionError(f"job {job.job_id} failed ({final_state}); log: {job.paths.stderr}\n{err}") from err
+    result_path = Path(output_dir) / RESULT_FILE
+    if not result_path.exists():
+        raise SubmissionError(f"job {job.job_id} ended but wrote no {result_path}; see {job.paths.stderr}")
+    return json.loads(result_path.read_text())

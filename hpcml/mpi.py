@@ -1,0 +1,82 @@
+"""The only module that imports mpi4py: the MPI world, its few collectives, and the job-wide abort.
+
+mpi4py is imported lazily so that single-process and torchrun runs never initialise MPI.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any
+
+import numpy as np
+
+
+@functools.lru_cache(maxsize=1)
+def _mpi():
+    import mpi4py
+
+    # Only the main thread calls MPI; asking for less than THREAD_MULTIPLE avoids slow paths in some MPIs.
+    mpi4py.rc.thread_level = "funneled"
+    from mpi4py import MPI
+
+    return MPI
+
+
+def is_initialized() -> bool:
+    if "mpi4py.MPI" not in sys.modules:
+        return False
+    return _mpi().Is_initialized() and not _mpi().Is_finalized()
+
+
+class MPIWorld:
+    """COMM_WORLD with the operations hpcml needs, in numpy/pickle terms."""
+
+    def __init__(self) -> None:
+        self.comm = _mpi().COMM_WORLD
+
+    @property
+    def rank(self) -> int:
+        return self.comm.Get_rank()
+
+    @property
+    def size(self) -> int:
+        return self.comm.Get_size()
+
+    def broadcast(self, value: Any, root: int = 0) -> Any:
+        return self.comm.bcast(value, root=root)
+
+    def allgather(self, value: Any) -> list[Any]:
+        return self.comm.allgather(value)
+
+    def allreduce_sum_(self, buffer: np.ndarray) -> None:
+        """Sum `buffer` over all ranks, in place (no temporary copy)."""
+        self.comm.Allreduce(_mpi().IN_PLACE, buffer, op=_mpi().SUM)
+
+    def broadcast_array_(self, buffer: np.ndarray, root: int = 0) -> None:
+        """Overwrite `buffer` on every rank with root's values."""
+        self.comm.Bcast(buffer, root=root)
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def abort(self, code: int = 1) -> None:
+        """End every rank of the job now: a peer blocked in a collective must not wait forever."""
+        self.comm.Abort(code)
+
+    @staticmethod
+    def library_version() -> str:
+        return _mpi().Get_library_version().splitlines()[0]
+
+
+@functools.lru_cache(maxsize=1)
+def world() -> MPIWorld:
+    return MPIWorld()
+
+
+def abort_if_running(code: int) -> bool:
+    """Abort the MPI job if MPI is up with more than one rank; returns False when there is nothing to abort."""
+    if is_initialized() and world().size > 1:
+        world().abort(code)
+        return True
+    return False

@@ -1,0 +1,94 @@
+"""The main job, end to end on the real local cluster: Hydra -> submitit -> sbatch -> srun/PMIx -> MPI."""
+
+import re
+import subprocess
+import time
+
+import pytest
+import torch
+from helpers import PYTHON, ROOT, TRAIN, mpi_env, node_states, read_result, sacct_state
+
+# A real run of the default config (300 steps, 2 nodes x 2 ranks) reached 0.96; 0.93 leaves room for
+# nothing but a real regression.
+ACCURACY_BAR = 0.93
+
+
+def submit_and_wait(out_dir, *overrides, timeout=300):
+    cmd = [
+        PYTHON,
+        TRAIN,
+        "cluster=local",
+        "launch.wait=true",
+        "launch.poll_s=1",
+        f"train.output_dir={out_dir}",
+        f"hydra.run.dir={out_dir}",
+        *overrides,
+    ]
+    return subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out_dir = ROOT / "outputs" / "test-runs" / f"demo-{time.time_ns()}"
+    done = submit_and_wait(out_dir)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    return out_dir, done
+
+
+def test_two_nodes_two_ranks_train_to_the_bar(demo_run):
+    out_dir, done = demo_run
+    result = read_result(out_dir)
+    assert result["world_size"] == 4 and result["num_nodes"] == 2
+    assert result["launcher"] == "Slurm (srun)" and result["backend"] == "gloo"
+    assert result["replicas_identical"] and len(set(result["rank_params_sha256"])) == 1
+    assert result["test_accuracy"] >= ACCURACY_BAR
+    assert "finished: 300 steps on 2 nodes x 2 ranks" in done.stdout
+
+
+def test_ranks_really_ran_on_both_nodes_and_accounting_saw_it(demo_run):
+    out_dir, done = demo_run
+    job_id = re.search(r"submitted Slurm job (\d+)", done.stdout).group(1)
+    logs = "".join(p.read_text() for p in (out_dir / "slurm").glob(f"{job_id}_*_log.err"))
+    for rank, node in ((0, 0), (1, 0), (2, 1), (3, 1)):
+        assert f"rank {rank}/4 on node {node}/2" in logs
+    assert sacct_state(job_id) == "COMPLETED"
+    # Metrics from rank 0 only: one line per logged step plus the final accuracy.
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 300 // 10 + 1
+    assert list((out_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_sbatch_by_hand_with_mpirun_trains_the_same_model(demo_run):
+    out_dir, _ = demo_run
+    done = subprocess.run(
+        ["sbatch", "--wait", "sbatch/train.sbatch"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    job_id = re.search(r"Submitted batch job (\d+)", done.stdout).group(1)
+    log = (ROOT / "outputs" / f"slurm-{job_id}.out").read_text()
+    assert done.returncode == 0, log
+    sbatch_dir = ROOT / "outputs" / "runs" / f"sbatch-{job_id}"
+    result = read_result(sbatch_dir)
+    assert result["launcher"] == "Open MPI (mpirun)"
+    assert result["world_size"] == 4 and result["num_nodes"] == 2 and result["replicas_identical"]
+    # Same config, same data stream: the mpirun path and the srun path end at the same weights.
+    srun_model = torch.load(out_dir / "model.pt", weights_only=True)
+    mpirun_model = torch.load(sbatch_dir / "model.pt", weights_only=True)
+    for name, value in srun_model.items():
+        torch.testing.assert_close(mpirun_model[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_one_failing_rank_ends_the_job_promptly_and_leaves_nodes_healthy(tmp_path_factory):
+    out_dir = ROOT / "outputs" / "test-runs" / f"fail-{time.time_ns()}"
+    started = time.monotonic()
+    done = submit_and_wait(out_dir, "train.steps=1000000", "fault.raise_at_step=5", "fault.rank=3")
+    elapsed = time.monotonic() - started
+    assert done.returncode == 2
+    assert "failed" in done.stderr
+    job_id = re.search(r"submitted Slurm job (\d+)", done.stdout).group(1)
+    rank3_log = (out_dir / "slurm" / f"{job_id}_3_log.err").read_text()
+    assert "RuntimeError: injected fault on rank 3 at step 5" in rank3_log
+    # Documented bound (README): a failing rank ends the job within 60 s (here it takes seconds).
+    assert elapsed < 90, f"the job took {elapsed:.0f}s to end after a rank failed"
+    assert sacct_state(job_id) == "FAILED"
+    time.sleep(2)
+    assert all(not any(bad in s for bad in ("drain", "down", "fail")) for s in node_states().values()), node_states()

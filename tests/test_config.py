@@ -1,0 +1,78 @@
+import pytest
+from helpers import ROOT
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from hpcml.config import ClusterConfig, TrainJobConfig, register_configs, register_resolvers, validate
+from hpcml.errors import ConfigError
+
+register_configs()
+register_resolvers()
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def test_defaults_compose_and_validate():
+    cfg = validate(compose_train(["train.output_dir=/x"]))
+    assert isinstance(cfg, TrainJobConfig)
+    assert cfg.cluster.name == "none" and not cfg.cluster.submit
+    assert cfg.data.name == "digits" and cfg.optim.name == "sgd"
+
+
+def test_local_cluster_group():
+    cfg = validate(compose_train(["cluster=local", "train.output_dir=/x"]))
+    assert (cfg.cluster.nodes, cfg.cluster.tasks_per_node, cfg.cluster.partition) == (2, 2, "batch")
+    assert "--mpi=pmix" in cfg.cluster.srun_args
+
+
+def test_example_site_is_a_valid_gpu_config():
+    cfg = validate(compose_train(["cluster=example_site", "train.output_dir=/x"]))
+    assert cfg.cluster.gpus_per_node == cfg.cluster.tasks_per_node == 4
+
+
+def test_unknown_key_fails_in_hydra():
+    with pytest.raises(ConfigCompositionException, match="optim.lrr"):
+        compose_train(["optim.lrr=0.1"])
+
+
+def test_wrong_type_fails_in_hydra():
+    with pytest.raises(ConfigCompositionException, match="cluster.nodes"):
+        compose_train(["cluster.nodes=two"])
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["cluster=local", "cluster.nodes=0"], "cluster.nodes=0"),
+        (["cluster.tasks_per_node=0"], "cluster.tasks_per_node=0"),
+        (["train.backend=mpi"], "train.backend='mpi' is not one of auto, gloo, nccl"),
+        (["train.grad_sync=horovod"], "train.grad_sync='horovod'"),
+        (["optim.lr=-1"], "optim.lr=-1"),
+        (["data.name=npz", "data.path=/nonexistent/data.npz"], "data.path=/nonexistent/data.npz does not exist"),
+        (["data.name=npz"], "needs data.path"),
+        (["cluster=local", "train.global_batch_size=30"], "does not split evenly over 4 ranks"),
+        (["cluster=example_site", "cluster.gpus_per_node=2"], "one rank per GPU"),
+    ],
+)
+def test_invalid_values_raise_config_error_naming_the_key(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
+        validate(compose_train([*overrides, "train.output_dir=/x"]))
+
+
+def test_validate_accepts_a_plain_dict_round_trip():
+    from hpcml.config import to_plain_dict
+
+    cfg = validate(compose_train(["cluster=local", "train.output_dir=/x"]))
+    assert validate(to_plain_dict(cfg)) == cfg
+
+
+def test_world_size():
+    assert ClusterConfig(nodes=3, tasks_per_node=4).world_size == 12
+
+
+def test_cluster_name_cannot_smuggle_sbatch_options():
+    with pytest.raises(ConfigError, match="cluster.name"):
+        ClusterConfig(name="x --partition=urgent")

@@ -1,0 +1,94 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpcml import launch, slurm
+from hpcml.config import ClusterConfig, TrainConfig, TrainJobConfig
+from hpcml.errors import SubmissionError
+
+GOLDEN = Path(__file__).parent / "golden"
+LOCAL = ClusterConfig(name="local", submit=True, partition="batch", nodes=2, tasks_per_node=2, time_min=15)
+
+
+@pytest.fixture
+def two_partitions(monkeypatch):
+    monkeypatch.setattr(
+        slurm,
+        "partitions",
+        lambda: {"batch": slurm.Partition("batch", 2, True), "urgent": slurm.Partition("urgent", 2, False)},
+    )
+
+
+def test_unknown_partition_is_refused_with_the_choices(two_partitions):
+    cfg = TrainJobConfig(cluster=ClusterConfig(submit=True, partition="gpu"))
+    with pytest.raises(SubmissionError, match="cluster.partition=gpu does not exist.*batch, urgent"):
+        launch.preflight(cfg)
+
+
+def test_more_nodes_than_the_partition_has_is_refused(two_partitions):
+    cfg = TrainJobConfig(cluster=ClusterConfig(submit=True, nodes=4))  # default partition: batch
+    with pytest.raises(SubmissionError, match="partition batch has only 2 nodes"):
+        launch.preflight(cfg)
+
+
+def test_a_fitting_job_passes(two_partitions):
+    launch.preflight(TrainJobConfig(cluster=LOCAL))
+
+
+def test_partitions_parses_sinfo(monkeypatch):
+    monkeypatch.setattr(slurm, "_slurm", lambda cmd: "batch* 1\nbatch* 1\nurgent 2\n")
+    found = slurm.partitions()
+    assert found["batch"] == slurm.Partition("batch", 2, True)
+    assert found["urgent"] == slurm.Partition("urgent", 2, False)
+
+
+def test_missing_slurm_client_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(SubmissionError, match="no Slurm client"):
+        slurm.partitions()
+
+
+def render(cluster: ClusterConfig, folder: Path) -> str:
+    text = launch.render_sbatch(TrainJobConfig(cluster=cluster, train=TrainConfig(output_dir=str(folder))), folder)
+    return text.replace(str(folder), "<FOLDER>").replace(sys.executable, "<PYTHON>")
+
+
+@pytest.mark.parametrize(
+    "name, cluster",
+    [
+        ("local", LOCAL),
+        (
+            "site_gpu",
+            ClusterConfig(
+                name="site",
+                submit=True,
+                partition="gpu",
+                account="proj",
+                qos="high",
+                constraint="a100",
+                nodes=4,
+                tasks_per_node=4,
+                gpus_per_node=4,
+                cpus_per_task=8,
+                mem_gb=200,
+                time_min=240,
+                setup=["module load openmpi"],
+                env={"OMP_NUM_THREADS": "8", "NOTE": "it's $HOME; rm -rf /"},
+            ),
+        ),
+    ],
+)
+def test_rendered_sbatch_matches_golden(name, cluster, tmp_path):
+    """Regenerate with HPCML_UPDATE_GOLDEN=1 after an intended change, and review the diff."""
+    text = render(cluster, tmp_path)
+    golden = GOLDEN / f"{name}.sbatch"
+    if os.environ.get("HPCML_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text()
+
+
+def test_env_values_cannot_inject_shell(tmp_path):
+    cluster = ClusterConfig(submit=True, env={"X": "a; touch /tmp/pwned"})
+    assert "export X='a; touch /tmp/pwned'" in render(cluster, tmp_path)

@@ -1,0 +1,55 @@
+from pathlib import Path
+
+from hpcml.localcluster import (
+    LocalClusterLayout,
+    paths_to_keep_visible,
+    render_slurm_conf,
+    render_slurmdbd_conf,
+    slurmd_namespace_script,
+)
+
+
+def layout(tmp: str = "/work/repo/.cluster") -> LocalClusterLayout:
+    return LocalClusterLayout(state_dir=Path(tmp), hostname="host")
+
+
+def test_slurm_conf_has_two_logical_nodes_and_preemption():
+    conf = render_slurm_conf(layout())
+    assert "NodeName=n[1-2] NodeHostname=host NodeAddr=127.0.0.1 Port=[17001-17002]" in conf
+    assert "SlurmdSpoolDir=/work/repo/.cluster/slurmd/%n" in conf
+    assert "PreemptType=preempt/partition_prio" in conf
+    assert "PartitionName=urgent" in conf and "PriorityTier=10" in conf
+    assert "AccountingStorageType=accounting_storage/slurmdbd" in conf
+    assert "AuthInfo=cred_expire=10" in conf
+
+
+def test_slurmdbd_conf_points_at_the_private_mariadb():
+    conf = render_slurmdbd_conf(layout())
+    assert "StoragePort=16306" in conf and "StorageLoc=hpcml_slurm_acct" in conf
+
+
+def test_node_namespace_gets_private_tmp_and_shm():
+    script = slurmd_namespace_script(layout(), "n2")
+    assert "mount --rbind '/var/tmp/hpcml-nodes/hpcml/n2/tmp' /tmp" in script
+    assert "mount -t tmpfs -o size=1g tmpfs /dev/shm" in script
+    assert script.rstrip().endswith("exec slurmd -N n2 -f '/work/repo/.cluster/etc/slurm.conf'")
+
+
+def test_a_checkout_under_tmp_stays_visible_inside_the_node(monkeypatch):
+    monkeypatch.chdir("/")
+    lay = layout("/tmp/ci-check/.cluster")
+    assert Path("/tmp/ci-check/.cluster") in paths_to_keep_visible(lay)
+    script = slurmd_namespace_script(lay, "n1")
+    keep = "mount --rbind '/tmp/ci-check/.cluster' '/var/tmp/hpcml-nodes/hpcml/n1/tmp/ci-check/.cluster'"
+    assert keep in script
+    # The keep-visible binds must come before /tmp is covered.
+    assert script.index(keep) < script.index("/tmp' /tmp")
+
+
+def test_only_the_outermost_path_under_tmp_is_bound(monkeypatch):
+    import os
+
+    os.makedirs("/tmp/ci-check/.cluster", exist_ok=True)
+    monkeypatch.chdir("/tmp/ci-check")
+    kept = paths_to_keep_visible(layout("/tmp/ci-check/.cluster"))
+    assert Path("/tmp/ci-check") in kept and Path("/tmp/ci-check/.cluster") not in kept
