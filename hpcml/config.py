@@ -22,6 +22,8 @@ BACKENDS = ("auto", "gloo", "nccl")
 GRAD_SYNCS = ("ddp", "mpi")
 DATASETS = ("digits", "synthetic", "npz")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+RESUME_MODES = ("auto", "none")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -144,9 +146,12 @@ class OptimConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
+    # constant, or cosine decay to zero over train.steps (its state is checkpointed like the optimizer's).
+    schedule: str = "constant"
 
     def __post_init__(self) -> None:
         _one_of("optim.name", self.name, OPTIMIZERS)
+        _one_of("optim.schedule", self.schedule, SCHEDULES)
         _require(self.lr > 0, f"optim.lr={self.lr} must be positive.")
 
 
@@ -178,10 +183,72 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # Where step-<N> folders go; default <train.output_dir>/checkpoints. Every node must see it.
+    dir: str | None = None
+    # Periodic saves bound the work a crash can lose; 0 turns a trigger off. Preemption and time limits
+    # always save, whatever these say.
+    every_steps: int = 0
+    every_minutes: float = 0.0
+    # Older verified checkpoints beyond this many are deleted after each commit.
+    keep_last: int = 3
+    # Copy the state to CPU at the step boundary and write it on a background thread (rank 0).
+    async_save: bool = False
+    # auto: resume from the newest verified checkpoint if there is one; none: start fresh;
+    # or the path of one step-<N> folder to start from.
+    resume: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(
+            self.every_steps >= 0, f"checkpoint.every_steps={self.every_steps} cannot be negative (0 turns it off)."
+        )
+        _require(self.every_minutes >= 0, f"checkpoint.every_minutes={self.every_minutes} cannot be negative.")
+        _require(self.keep_last >= 1, f"checkpoint.keep_last={self.keep_last}: keep at least 1 checkpoint.")
+        if self.resume not in RESUME_MODES:
+            _require(
+                (Path(self.resume) / "manifest.json").is_file(),
+                f"checkpoint.resume={self.resume} is neither auto, none, nor a step-<N> folder holding a manifest.json.",
+            )
+
+
+@dataclass
+class PreemptConfig:
+    # The warning Slurm sends before the time limit (sbatch --signal). Never USR1: NCCL may use it.
+    # SIGTERM (preemption, scancel, requeue) is always handled too.
+    signal: str = "USR2"
+    # How long before the time limit Slurm sends it. Slurm checks every 30 s, so it may come up to a minute early.
+    signal_lead_s: int = 120
+    # Requeue the job after saving, so it resumes by itself; false just saves and exits.
+    requeue: bool = True
+    # Past this many restarts the job fails with a clear reason instead of requeueing again.
+    max_requeues: int = 20
+    # Stop this much earlier than save time alone requires before the time limit, as slack.
+    deadline_margin_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        from hpcml.preempt import parse_signal
+
+        try:
+            sig = parse_signal(self.signal)
+        except ValueError:
+            raise ConfigError(f"preempt.signal={self.signal!r} is not a signal name; use USR2 (the default).") from None
+        _require(
+            sig.name != "SIGUSR1", "preempt.signal=USR1 may collide with NCCL's own use of SIGUSR1; use USR2 or URG."
+        )
+        _require(sig.name not in ("SIGKILL", "SIGSTOP"), f"preempt.signal={self.signal} cannot be caught; use USR2.")
+        _require(self.signal_lead_s >= 0, f"preempt.signal_lead_s={self.signal_lead_s} cannot be negative.")
+        _require(self.max_requeues >= 0, f"preempt.max_requeues={self.max_requeues} cannot be negative.")
+
+
+@dataclass
 class FaultConfig:
-    # Deliberate failures for drills and tests: prove that one failing rank ends the whole job promptly.
+    # Deliberate failures for drills and tests: prove that one failing rank ends the whole job promptly,
+    # and that a process killed in the middle of a save leaves the previous checkpoint intact.
     raise_at_step: int | None = None
+    kill_during_save_at_step: int | None = None
     rank: int = 0
+    # Slow each step down (seconds), so that tests can interrupt a run at a chosen moment.
+    step_sleep_s: float = 0.0
 
 
 @dataclass
@@ -192,6 +259,8 @@ class TrainJobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    preempt: PreemptConfig = field(default_factory=PreemptConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:

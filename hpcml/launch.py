@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,15 @@ class TrainingJob:
     def __init__(self, config: dict[str, Any]):
         self.config = config
 
-    def __call__(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
+    def __call__(self) -> int:
         from hpcml.runtime import run_training
 
-        return asdict(run_training(validate(self.config)))
+        code = run_training(validate(self.config))
+        if code != 0:
+            # A stopped rank exits with its documented status (requeued, stopped, requeue cap), which
+            # Slurm records as the job's exit code; submitit sees no result for this attempt.
+            sys.exit(code)
+        return code
 
 
 def preflight(cfg: TrainJobConfig) -> None:
@@ -67,6 +71,10 @@ def make_executor(cfg: TrainJobConfig, folder: Path) -> submitit.SlurmExecutor:
         srun_args=list(c.srun_args),
         setup=[*c.setup, *(f"export {k}={_shell_quote(v)}" for k, v in c.env.items())],
         stderr_to_stdout=False,
+        # The time-limit warning goes to every rank (no "B:"): each one can then stop at a step boundary.
+        additional_parameters={
+            "signal": f"{cfg.preempt.signal.upper().removeprefix('SIG')}@{cfg.preempt.signal_lead_s}"
+        },
     )
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(c, key) is not None:

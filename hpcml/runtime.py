@@ -1,27 +1,41 @@
-"""What runs on every rank: detect the launcher, start torch.distributed, train, tear down.
+"""What runs on every rank: detect the launcher, start torch.distributed, train, stop or finish.
 
 `run_training` is the one entry point for all launch modes (plain python, mpirun, srun via submitit,
-sbatch). An exception on any rank is logged with its traceback and then ends every rank of the job
-(MPI_Abort), so no peer is left blocked in a collective.
+sbatch) and returns the rank's exit status (hpcml.preempt.EXIT_*). An exception on any rank is logged
+with its traceback and then ends every rank of the job (MPI_Abort), so no peer is left blocked in a
+collective. A stop (signal or deadline) is saved by all ranks together; then rank 0 requeues the job.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
 
-from hpcml import mpi
+import torch.distributed as dist
+
+from hpcml import mpi, slurm
 from hpcml.config import TrainJobConfig
-from hpcml.dist import setup_distributed, teardown_distributed
+from hpcml.dist import DistributedContext, setup_distributed, teardown_distributed
 from hpcml.env import detect_environment
-from hpcml.trainer import Trainer, TrainingResult
+from hpcml.errors import SubmissionError
+from hpcml.preempt import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_REQUEUE_LIMIT,
+    EXIT_REQUEUED,
+    EXIT_STOPPED,
+    Deadline,
+    PreemptionGuard,
+    StopCoordinator,
+    StopReason,
+    parse_signal,
+)
+from hpcml.trainer import Trainer
 
 log = logging.getLogger("hpcml")
-
-# Exit status of a rank that failed; MPI_Abort hands it to mpirun/srun.
-EXIT_FAILURE = 1
 
 
 def configure_logging(rank: int, output_dir: Path | None = None) -> None:
@@ -44,39 +58,89 @@ def end_all_ranks(rank: int, exc: BaseException) -> None:
     text = "".join(traceback.format_exception(exc))
     sys.stderr.write("".join(f"[rank {rank}] {line}\n" for line in text.rstrip().splitlines()))
     sys.stderr.flush()
-    mpi.abort_if_running(EXIT_FAILURE)
+    mpi.abort_if_running(EXIT_FAILED)
 
 
-def run_training(cfg: TrainJobConfig) -> TrainingResult:
+def requeue_or_stop(cfg: TrainJobConfig, reason: StopReason) -> int:
+    """Rank 0's decision after a stop has been saved: requeue, give up at the cap, or just exit."""
+    job_id = slurm.current_job_id(dict(os.environ))
+    if job_id is None or not cfg.preempt.requeue:
+        log.warning(
+            "stopped (%s) with a checkpoint saved; not requeued: run the same command to resume", reason.name.lower()
+        )
+        return EXIT_STOPPED
+    restarts = slurm.restart_count(dict(os.environ))
+    if restarts >= cfg.preempt.max_requeues:
+        message = f"hpcml: requeue cap reached ({restarts} restarts, preempt.max_requeues={cfg.preempt.max_requeues})"
+        log.error("%s; the job fails here. The checkpoint is saved: resubmit to continue.", message)
+        try:
+            slurm.set_comment(job_id, message)
+        except SubmissionError as err:
+            log.warning("could not record the reason in Slurm: %s", err)
+        return EXIT_REQUEUE_LIMIT
+    try:
+        slurm.requeue(job_id)
+    except SubmissionError as err:
+        log.error("checkpoint saved but `scontrol requeue %s` failed: %s; resubmit to resume", job_id, err)
+        return EXIT_STOPPED
+    log.warning(
+        "stopped (%s) at a saved checkpoint; job %s requeued (restart %d)", reason.name.lower(), job_id, restarts + 1
+    )
+    return EXIT_REQUEUED
+
+
+def _stop_coordinator(cfg: TrainJobConfig, ctx: DistributedContext, guard: PreemptionGuard) -> StopCoordinator:
+    end_time = None
+    job_id = slurm.current_job_id(dict(os.environ))
+    if ctx.is_main and job_id is not None:
+        end_time = slurm.job_end_time(job_id)
+    return StopCoordinator(
+        guard, Deadline(end_time, cfg.preempt.deadline_margin_s), ctx.device, ctx.world_size, ctx.is_main
+    )
+
+
+def run_training(cfg: TrainJobConfig) -> int:
     env = detect_environment()
     rank = env.placement().rank
     configure_logging(rank, Path(cfg.train.output_dir) if rank == 0 else None)
+    # Installed before anything slow, so an early SIGTERM is remembered, not fatal.
+    guard = PreemptionGuard([parse_signal(cfg.preempt.signal), parse_signal("TERM")])
     try:
-        ctx = setup_distributed(env, cfg.train.backend, cfg.train.dist_timeout_s)
-        log.info(
-            "rank %d/%d on node %d/%d (local rank %d), launcher=%s backend=%s device=%s",
-            ctx.rank,
-            ctx.world_size,
-            ctx.placement.node_rank,
-            ctx.placement.num_nodes,
-            ctx.placement.local_rank,
-            ctx.launcher,
-            ctx.backend,
-            ctx.device,
-        )
-        result = Trainer(cfg, ctx).fit()
+        with guard:
+            ctx = setup_distributed(env, cfg.train.backend, cfg.train.dist_timeout_s)
+            log.info(
+                "rank %d/%d on node %d/%d (local rank %d), launcher=%s backend=%s device=%s",
+                ctx.rank,
+                ctx.world_size,
+                ctx.placement.node_rank,
+                ctx.placement.num_nodes,
+                ctx.placement.local_rank,
+                ctx.launcher,
+                ctx.backend,
+                ctx.device,
+            )
+            outcome = Trainer(cfg, ctx, _stop_coordinator(cfg, ctx, guard)).fit()
+            if outcome.stopped is StopReason.NONE:
+                code = EXIT_OK
+            else:
+                code = requeue_or_stop(cfg, outcome.stopped) if ctx.is_main else EXIT_OK
+                box = [code]
+                if ctx.world_size > 1:
+                    dist.broadcast_object_list(box, src=0)
+                code = box[0]
     except BaseException as exc:
         # No orderly teardown here: peers may be blocked in a collective, and destroying the process
         # group could wait on them. Aborting ends every rank at once.
         end_all_ranks(rank, exc)
         raise
     teardown_distributed()
-    if ctx.is_main:
+    if code == EXIT_OK and ctx.is_main:
+        r = outcome.result
         log.info(
             "done: %d steps, test accuracy %.4f, params sha256 %s..., outputs in %s",
-            result.steps,
-            result.test_accuracy,
-            result.params_sha256[:16],
-            result.output_dir,
+            r.steps,
+            r.test_accuracy,
+            r.params_sha256[:16],
+            r.output_dir,
         )
-    return result
+    return code

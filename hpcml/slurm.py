@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 
 from hpcml.errors import SubmissionError
@@ -41,3 +42,39 @@ def partitions() -> dict[str, Partition]:
             name, int(count) + (prev.nodes if prev else 0), is_default or bool(prev and prev.is_default)
         )
     return found
+
+
+def current_job_id(environ: dict[str, str]) -> str | None:
+    """The id `scontrol` accepts for this job: `<array>_<task>` for an array task, else the job id."""
+    if "SLURM_ARRAY_JOB_ID" in environ and "SLURM_ARRAY_TASK_ID" in environ:
+        return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+    return environ.get("SLURM_JOB_ID")
+
+
+def restart_count(environ: dict[str, str]) -> int:
+    """How many times Slurm has requeued and restarted this job."""
+    try:
+        return int(environ.get("SLURM_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
+def job_end_time(job_id: str) -> float | None:
+    """The job's scheduled end (time limit) as a Unix time; None when it has no limit or Slurm won't say."""
+    try:
+        text = _slurm(["squeue", "-h", "-j", job_id, "-o", "%e"]).strip()
+    except (SubmissionError, subprocess.TimeoutExpired):
+        return None
+    try:
+        return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:  # "N/A", "Unknown", "NONE": no time limit
+        return None
+
+
+def requeue(job_id: str) -> None:
+    _slurm(["scontrol", "requeue", job_id])
+
+
+def set_comment(job_id: str, text: str) -> None:
+    """Record a reason where `sacct -o Comment` and `scontrol show job` show it."""
+    _slurm(["scontrol", "update", f"JobId={job_id}", f"Comment={text}"])

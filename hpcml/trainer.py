@@ -1,29 +1,40 @@
-"""The training loop: each rank trains on its slice of the global batch, gradients are averaged."""
+"""The training loop: each rank trains on its slice of the global batch, gradients are averaged, and
+every step boundary is a place where the ranks can agree to save or stop."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from hpcml import checkpoint as ckpt
+from hpcml import slurm
 from hpcml.config import TrainJobConfig
 from hpcml.data import GlobalBatchStream, load_dataset
 from hpcml.dist import DistributedContext
+from hpcml.errors import ConfigError
+from hpcml.fileio import write_atomically
 from hpcml.gradsync import make_gradient_sync
 from hpcml.metrics import MetricsWriter
 from hpcml.models import build_mlp
+from hpcml.preempt import BoundaryDecision, StopCoordinator, StopReason
 
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 MODEL_FILE = "model.pt"
+# Until a save has been timed, the deadline check assumes one takes this long.
+INITIAL_SAVE_ESTIMATE_S = 5.0
 
 
 @dataclass
@@ -40,6 +51,16 @@ class TrainingResult:
     samples_per_s: float
     elapsed_s: float
     output_dir: str
+    resumed_from_step: int | None
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    """Either a finished run (result) or one that stopped early, saved, for a reason."""
+
+    result: TrainingResult | None
+    stopped: StopReason
+    step: int
 
 
 def parameters_checksum(model: torch.nn.Module) -> str:
@@ -59,11 +80,21 @@ def build_optimizer(cfg: TrainJobConfig, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
+def build_scheduler(cfg: TrainJobConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    if cfg.optim.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
 class Trainer:
-    def __init__(self, cfg: TrainJobConfig, ctx: DistributedContext):
+    def __init__(self, cfg: TrainJobConfig, ctx: DistributedContext, stop: StopCoordinator | None = None):
         self.cfg = cfg
         self.ctx = ctx
-        self.output_dir = Path(self._agreed_output_dir(cfg.train.output_dir))
+        self.stop = stop
+        self.output_dir = Path(self._agreed(str(Path(cfg.train.output_dir).resolve())))
+        self.checkpoint_dir = (
+            Path(cfg.checkpoint.dir).resolve() if cfg.checkpoint.dir else self.output_dir / "checkpoints"
+        )
         self.data = load_dataset(cfg.data)
         self.stream = GlobalBatchStream(len(self.data.x_train), cfg.train.global_batch_size, cfg.train.seed)
         # Same seed on every rank: identical initial weights even before DDP's broadcast.
@@ -71,14 +102,131 @@ class Trainer:
         self.model = build_mlp(cfg.model, self.data.input_dim, self.data.num_classes).to(ctx.device)
         self.sync = make_gradient_sync(self.model, ctx, cfg.train)
         self.optimizer = build_optimizer(cfg, self.model.parameters())
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        # GPU runs with mixed precision would keep a torch.amp.GradScaler here; it is checkpointed when set.
+        self.scaler: torch.amp.GradScaler | None = None
+        self.writer = (
+            ckpt.CheckpointWriter(self.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
+            if ctx.is_main
+            else None
+        )
         self.step = 0
+        self.resumed_from: int | None = None
+        self._last_save_time = time.monotonic()
+        self._save_estimate_s = INITIAL_SAVE_ESTIMATE_S
+        self._step_estimate_s = 0.0
 
-    def _agreed_output_dir(self, mine: str) -> str:
-        """Rank 0's output directory, for everyone (launchers may give ranks different working dirs)."""
-        box = [str(Path(mine).resolve())]
+    # ------------------------------------------------------------ collectives
+
+    def _agreed(self, value: Any) -> Any:
+        """Rank 0's value, for everyone."""
+        box = [value]
         if self.ctx.world_size > 1:
             dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def _barrier(self) -> None:
+        if self.ctx.world_size > 1:
+            dist.barrier()
+
+    # ------------------------------------------------------------ checkpoints
+
+    def train_state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def _choose_checkpoint(self) -> tuple[str, dict[str, Any]] | None:
+        """Rank 0 picks and verifies; everyone gets the same answer."""
+        choice = None
+        if self.ctx.is_main:
+            mode = self.cfg.checkpoint.resume
+            if mode == "auto":
+                found = ckpt.find_latest_verified(self.checkpoint_dir)
+                choice = (str(found[0]), found[1]) if found else None
+            elif mode != "none":
+                choice = (mode, ckpt.verify_checkpoint(Path(mode)))
+        return self._agreed(choice)
+
+    def resume(self) -> None:
+        choice = self._choose_checkpoint()
+        if choice is None:
+            return
+        path, manifest = Path(choice[0]), choice[1]
+        batch = self.cfg.train.global_batch_size
+        if manifest["global_batch_size"] != batch:
+            raise ConfigError(
+                f"{path} was written with train.global_batch_size={manifest['global_batch_size']}, this run uses "
+                f"{batch}; an exact resume needs the same global batch. Set it back, or checkpoint.resume=none."
+            )
+        loaded = ckpt.load_checkpoint(path, manifest, self.ctx.rank, self.ctx.device)
+        state = loaded.train_state
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        if loaded.rng_state is not None:
+            ckpt.restore_rng_state(loaded.rng_state)
+        # The data position is a count of global samples, so any world size continues the same stream.
+        self.step = loaded.samples_consumed // batch
+        self.resumed_from = self.step
+        log.info(
+            "resumed from %s (step %d, %d samples; written by %d ranks, now %d)",
+            path,
+            self.step,
+            loaded.samples_consumed,
+            manifest["world_size"],
+            self.ctx.world_size,
+        )
+
+    def save(self, wait: bool = False) -> None:
+        """Every rank calls this at the same step boundary; rank 0 writes."""
+        started = time.perf_counter()
+        rng_states = [ckpt.capture_rng_state()]
+        if self.ctx.world_size > 1:
+            rng_states = [None] * self.ctx.world_size
+            dist.all_gather_object(rng_states, ckpt.capture_rng_state())
+        if self.writer is not None:
+            snap = ckpt.snapshot(
+                self.step,
+                self.stream.samples_consumed(self.step),
+                self.cfg.train.global_batch_size,
+                self.ctx.world_size,
+                self.train_state(),
+                rng_states,
+                copy=self.writer.asynchronous,
+            )
+            self._maybe_inject_save_fault()
+            self.writer.submit(snap)
+            if wait:
+                self.writer.wait()
+            # The deadline check needs the whole cost of a save: stall plus (for async) the write.
+            self._save_estimate_s = max(time.perf_counter() - started, self.writer.last_write_s or 0.0)
+        self._save_estimate_s = self._agreed(self._save_estimate_s)
+        self._last_save_time = time.monotonic()
+
+    def _maybe_inject_save_fault(self) -> None:
+        fault = self.cfg.fault
+        # Only in the first attempt: the restarted job must get past this step.
+        if fault.kill_during_save_at_step == self.step and slurm.restart_count(os.environ) == 0:
+            # Die with the checkpoint half-written: a partial folder with no manifest.
+            partial = self.checkpoint_dir / f".{ckpt.step_dir_name(self.step)}.partial"
+            partial.mkdir(parents=True, exist_ok=True)
+            (partial / ckpt.STATE_FILE).write_bytes(b"half a checkpoint")
+            log.error("fault.kill_during_save_at_step=%d: killing rank 0 in the middle of a save", self.step)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _periodic_save_due(self) -> bool:
+        c = self.cfg.checkpoint
+        by_steps = c.every_steps > 0 and self.step % c.every_steps == 0
+        by_time = c.every_minutes > 0 and time.monotonic() - self._last_save_time >= 60 * c.every_minutes
+        return by_steps or by_time
+
+    # ------------------------------------------------------------ the loop
 
     def train_step(self) -> torch.Tensor:
         idx = torch.from_numpy(self.stream.rank_batch(self.step, self.ctx.rank, self.ctx.world_size))
@@ -89,11 +237,20 @@ class Trainer:
         loss.backward()
         self.sync.synchronize()
         self.optimizer.step()
+        self.scheduler.step()
         self.step += 1
         fault = self.cfg.fault
         if fault.raise_at_step == self.step and fault.rank == self.ctx.rank:
             raise RuntimeError(f"injected fault on rank {self.ctx.rank} at step {self.step} (fault.raise_at_step)")
+        if fault.step_sleep_s:
+            time.sleep(fault.step_sleep_s)
         return loss.detach()
+
+    def _at_boundary(self) -> BoundaryDecision:
+        save_due = self._periodic_save_due()
+        if self.stop is None:
+            return BoundaryDecision(StopReason.NONE, save_due)
+        return self.stop.agree(self._save_estimate_s, self._step_estimate_s, save_due)
 
     def global_mean(self, value: torch.Tensor) -> float:
         if self.ctx.world_size > 1:
@@ -109,14 +266,17 @@ class Trainer:
         self.model.train()
         return float((logits.argmax(dim=1).cpu() == self.data.y_test).float().mean())
 
-    def fit(self) -> TrainingResult:
+    def fit(self) -> TrainingOutcome:
         cfg = self.cfg.train
+        self.resume()
+        first_step = self.step
         metrics = MetricsWriter(self.output_dir, self.ctx.is_main, cfg.steps, self.step)
         start = window_start = time.perf_counter()
         window_steps = 0
-        loss = torch.zeros(())
+        loss = torch.zeros((), device=self.ctx.device)
         try:
             while self.step < cfg.steps:
+                step_started = time.perf_counter()
                 loss = self.train_step()
                 window_steps += 1
                 metrics.advance()
@@ -128,12 +288,24 @@ class Trainer:
                             "loss": self.global_mean(loss),
                             "samples_per_s": window_steps * cfg.global_batch_size / max(elapsed, 1e-9),
                             "epoch": self.stream.samples_consumed(self.step) / self.stream.num_samples,
+                            "lr": self.scheduler.get_last_lr()[0],
                         },
                     )
                     window_start, window_steps = time.perf_counter(), 0
+                self._step_estimate_s = 0.9 * self._step_estimate_s + 0.1 * (time.perf_counter() - step_started)
+                decision = self._at_boundary()
+                if decision.stop is not StopReason.NONE:
+                    log.warning("stopping at step %d (%s): saving a checkpoint", self.step, decision.stop.name.lower())
+                    self.save(wait=True)
+                    self._barrier()
+                    return TrainingOutcome(None, decision.stop, self.step)
+                if decision.save and self.step < cfg.steps:
+                    self.save()
             accuracy = self.evaluate()
             elapsed = time.perf_counter() - start
             metrics.write(self.step, {"test_accuracy": accuracy})
+            if self.resumed_from != self.step:
+                self.save(wait=True)  # the final state: a finished run that is requeued does not retrain
         finally:
             metrics.close()
         result = TrainingResult(
@@ -146,12 +318,13 @@ class Trainer:
             backend=self.ctx.backend,
             grad_sync=cfg.grad_sync,
             launcher=self.ctx.launcher,
-            samples_per_s=cfg.steps * cfg.global_batch_size / max(elapsed, 1e-9),
+            samples_per_s=(self.step - first_step) * cfg.global_batch_size / max(elapsed, 1e-9),
             elapsed_s=elapsed,
             output_dir=str(self.output_dir),
+            resumed_from_step=self.resumed_from,
         )
         self._write_result(result)
-        return result
+        return TrainingOutcome(result, StopReason.NONE, self.step)
 
     def _write_result(self, result: TrainingResult) -> None:
         """Every rank's checksum goes into result.json, so a diverged replica cannot hide."""
@@ -161,18 +334,10 @@ class Trainer:
             dist.all_gather_object(checksums, result.params_sha256)
         if not self.ctx.is_main:
             return
-        self._write_atomically(self.output_dir / MODEL_FILE, lambda f: torch.save(self.model.state_dict(), f))
+        write_atomically(self.output_dir / MODEL_FILE, lambda f: torch.save(self.model.state_dict(), f))
         record = {**asdict(result), "rank_params_sha256": checksums, "replicas_identical": len(set(checksums)) == 1}
-        self._write_atomically(
+        write_atomically(
             self.output_dir / RESULT_FILE, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode())
         )
         if not record["replicas_identical"]:
             log.error("replicas diverged: parameter checksums differ across ranks: %s", checksums)
-
-    @staticmethod
-    def _write_atomically(path: Path, write) -> None:
-        """Readers see the old file or the whole new one, never a torn one."""
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            write(f)
-        tmp.replace(path)

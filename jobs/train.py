@@ -39,7 +39,7 @@ def main(cfg: DictConfig) -> None:
         else:
             from hpcml.runtime import run_training
 
-            run_training(job_config)
+            sys.exit(run_training(job_config))
     except HpcmlError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

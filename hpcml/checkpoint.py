@@ -1,0 +1,273 @@
+"""Verified, resumable checkpoints: `step-<N>/` folders committed by a SHA-256 manifest written last.
+
+Rank 0 writes every file (the replicated training state, and each rank's RNG state gathered to it) into
+`.step-<N>.partial/`, fsyncs them, writes `manifest.json` (a SHA-256 per file) to a temporary name and
+renames it, fsyncs the folder, then renames the folder to `step-<N>` and fsyncs the parent. A folder
+without a valid manifest is never trusted: loading verifies every file against it and falls back to the
+previous verified checkpoint, saying why. Files are loaded with `weights_only=True`: never runs code.
+
+With `async_save`, the state is copied to CPU at the step boundary and written by a background thread
+on rank 0; only one write is ever in flight. Other ranks never touch the disk when saving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hpcml.errors import HpcmlError
+from hpcml.fileio import fsync_dir, sha256_of, write_atomically, write_hashed
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+STATE_FILE = "train_state.pt"
+FORMAT_VERSION = 1
+
+
+class CheckpointCorruptError(HpcmlError):
+    """A checkpoint folder failed verification (missing or partial manifest, size or SHA-256 mismatch)."""
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step}"
+
+
+def capture_rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """A deep copy with every tensor on the CPU: the snapshot an asynchronous save writes from."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one checkpoint holds, already off the GPU and detached from live tensors."""
+
+    step: int
+    samples_consumed: int
+    global_batch_size: int
+    world_size: int
+    train_state: dict[str, Any]
+    rng_states: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    path: Path
+    manifest: dict[str, Any]
+    train_state: dict[str, Any]
+    rng_state: dict[str, Any] | None
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+    @property
+    def samples_consumed(self) -> int:
+        return int(self.manifest["samples_consumed"])
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_checkpoint(directory: Path, snap: Snapshot) -> Path:
+    """Write and commit one checkpoint; returns the published `step-<N>` folder."""
+    final = directory / step_dir_name(snap.step)
+    partial = directory / f".{step_dir_name(snap.step)}.partial"
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    files: dict[str, dict[str, Any]] = {}
+    digest, size = write_hashed(partial / STATE_FILE, lambda f: torch.save(snap.train_state, f))
+    files[STATE_FILE] = {"sha256": digest, "bytes": size}
+    for rank, rng in enumerate(snap.rng_states):
+        digest, size = write_hashed(partial / rng_file(rank), lambda f, rng=rng: torch.save(rng, f))
+        files[rng_file(rank)] = {"sha256": digest, "bytes": size}
+    manifest = {
+        "format": FORMAT_VERSION,
+        "step": snap.step,
+        "samples_consumed": snap.samples_consumed,
+        "global_batch_size": snap.global_batch_size,
+        "world_size": snap.world_size,
+        "saved_at": time.time(),
+        "files": files,
+    }
+    # The manifest is the commit marker: written last, atomically, after every file is durable.
+    write_atomically(partial / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+    if final.exists():  # a re-save of the same step (e.g. after a resume): replace it whole
+        shutil.rmtree(final)
+    partial.rename(final)
+    fsync_dir(directory)
+    return final
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Committed-looking `step-<N>` folders, newest first (verification happens on load)."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        name = path.name
+        if path.is_dir() and name.startswith("step-") and name[5:].isdigit():
+            found.append((int(name[5:]), path))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def prune_checkpoints(directory: Path, keep_last: int) -> None:
+    for old in list_checkpoints(directory)[keep_last:]:
+        shutil.rmtree(old, ignore_errors=True)
+    for partial in directory.glob(".step-*.partial"):  # left by a writer that was killed
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- verifying and loading
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """The manifest of `path` if every file matches it; CheckpointCorruptError saying what does not."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointCorruptError(f"{path.name}: no {MANIFEST} (the save never committed)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        int(manifest["step"]), int(manifest["samples_consumed"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointCorruptError(f"{path.name}: unreadable {MANIFEST}: {err}") from err
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointCorruptError(f"{path.name}: format {manifest.get('format')}, this hpcml reads {FORMAT_VERSION}")
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointCorruptError(f"{path.name}: {name} is missing")
+        if file.stat().st_size != expected["bytes"]:
+            raise CheckpointCorruptError(
+                f"{path.name}: {name} has {file.stat().st_size} bytes, the manifest says {expected['bytes']} (truncated?)"
+            )
+        if sha256_of(file) != expected["sha256"]:
+            raise CheckpointCorruptError(f"{path.name}: {name} fails its SHA-256 check (corrupted)")
+    return manifest
+
+
+def find_latest_verified(directory: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that verifies; corrupt ones are skipped with a log line saying why."""
+    for path in list_checkpoints(directory):
+        try:
+            return path, verify_checkpoint(path)
+        except CheckpointCorruptError as err:
+            log.warning("skipping checkpoint %s; falling back to an older one", err)
+    return None
+
+
+def load_checkpoint(path: Path, manifest: dict[str, Any], rank: int, device: torch.device) -> LoadedCheckpoint:
+    state = torch.load(path / STATE_FILE, map_location=device, weights_only=True)
+    rng_path = path / rng_file(rank)
+    # A rank that did not exist when the checkpoint was written (resume at a larger world size) keeps its
+    # freshly seeded generators.
+    rng = torch.load(rng_path, weights_only=True) if rng_path.is_file() else None
+    return LoadedCheckpoint(path, manifest, state, rng)
+
+
+# ---------------------------------------------------------------- asynchronous writer
+
+
+class CheckpointWriter:
+    """Writes snapshots on rank 0, inline or on one background thread; never two writes in flight."""
+
+    def __init__(self, directory: Path, keep_last: int, asynchronous: bool):
+        self.directory = directory
+        self.keep_last = keep_last
+        self.asynchronous = asynchronous
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_write_s: float | None = None
+        self.last_committed: Path | None = None
+
+    def submit(self, snap: Snapshot) -> None:
+        self.wait()  # the previous write finishes before the next starts
+        if self.asynchronous:
+            self._thread = threading.Thread(target=self._write, args=(snap,), name="hpcml-checkpoint", daemon=False)
+            self._thread.start()
+        else:
+            self._write(snap)
+            self._raise_if_failed()
+
+    def _write(self, snap: Snapshot) -> None:
+        started = time.perf_counter()
+        try:
+            self.last_committed = write_checkpoint(self.directory, snap)
+            prune_checkpoints(self.directory, self.keep_last)
+        except BaseException as err:  # surfaced on the training thread by wait()
+            self._error = err
+            return
+        self.last_write_s = time.perf_counter() - started
+        log.info("checkpoint %s committed in %.2fs", self.last_committed.name, self.last_write_s)
+
+    @property
+    def in_flight(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise HpcmlError(f"writing a checkpoint to {self.directory} failed: {err}") from err
+
+
+def snapshot(
+    step: int,
+    samples_consumed: int,
+    global_batch_size: int,
+    world_size: int,
+    train_state: dict[str, Any],
+    rng_states: list[dict[str, Any]],
+    copy: bool,
+) -> Snapshot:
+    """`copy=True` detaches the snapshot from live tensors, as an asynchronous write needs."""
+    state = _cpu_copy(train_state) if copy else train_state
+    return Snapshot(step, samples_consumed, global_batch_size, world_size, state, rng_states)

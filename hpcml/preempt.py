@@ -1,0 +1,121 @@
+"""Signals and deadlines -> one agreed stop at a step boundary -> save -> requeue -> distinct exit.
+
+Slurm warns in different ways: `--signal` (USR2 by default) before the time limit, SIGTERM to every
+rank when a preemption starts, SIGTERM on `scancel` and `scontrol requeue`; some ranks may hear nothing
+at all. A handler only records the signal. At each step boundary the ranks all-reduce their flags, so
+they all stop at the same step, save once, and rank 0 requeues the job. The deadline check needs no
+signal: rank 0 compares the job's end time with how long a save takes.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+class StopReason(enum.IntEnum):
+    """Ordered by priority: when ranks disagree, the largest value wins in the all-reduce."""
+
+    NONE = 0
+    DEADLINE = 1
+    SIGNAL = 2
+
+
+# Exit statuses of a rank, documented in the README. Slurm and sacct show them as the job's exit code.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_REQUEUED = 3  # stopped at a step boundary, checkpoint committed, job requeued: it resumes by itself
+EXIT_STOPPED = 4  # stopped and checkpointed, but not requeued (not under Slurm, or preempt.requeue=false)
+EXIT_REQUEUE_LIMIT = 5  # stopped and checkpointed, but preempt.max_requeues was reached: the job fails
+
+
+def parse_signal(name: str) -> signal.Signals:
+    text = name.upper()
+    text = text if text.startswith("SIG") else f"SIG{text}"
+    try:
+        return signal.Signals[text]
+    except KeyError:
+        raise ValueError(f"unknown signal {name!r}") from None
+
+
+class PreemptionGuard:
+    """Records the first warning signal; never does work inside a handler."""
+
+    def __init__(self, signals: list[signal.Signals]):
+        self.signals = list(dict.fromkeys(signals))
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, object] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum)
+
+    def __enter__(self) -> PreemptionGuard:
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+
+class Deadline:
+    """When to stop so that a save finishes before the job's time limit."""
+
+    def __init__(self, end_time: float | None, margin_s: float, clock: Callable[[], float] = time.time):
+        self.end_time = end_time
+        self.margin_s = margin_s
+        self.clock = clock
+
+    def reached(self, save_estimate_s: float, step_estimate_s: float) -> bool:
+        if self.end_time is None:
+            return False
+        # Two saves' worth of room: the estimate comes from the last save, and disks slow down.
+        needed = 2 * save_estimate_s + step_estimate_s + self.margin_s
+        return self.clock() + needed >= self.end_time
+
+
+@dataclass(frozen=True)
+class BoundaryDecision:
+    """What every rank does at this step boundary, identical on all of them."""
+
+    stop: StopReason
+    save: bool
+
+
+@dataclass
+class StopCoordinator:
+    """Combines every rank's signal flag and rank 0's clock-based triggers into one shared decision."""
+
+    guard: PreemptionGuard
+    deadline: Deadline
+    device: torch.device
+    world_size: int
+    is_main: bool
+
+    def local_reason(self, save_estimate_s: float, step_estimate_s: float) -> StopReason:
+        if self.guard.received is not None:
+            return StopReason.SIGNAL
+        if self.is_main and self.deadline.reached(save_estimate_s, step_estimate_s):
+            return StopReason.DEADLINE
+        return StopReason.NONE
+
+    def agree(self, save_estimate_s: float, step_estimate_s: float, save_due: bool) -> BoundaryDecision:
+        """One tiny all-reduce per step: the strongest stop reason and any rank's wish to save win."""
+        reason = self.local_reason(save_estimate_s, step_estimate_s)
+        if self.world_size == 1:
+            return BoundaryDecision(reason, save_due)
+        flags = torch.tensor([int(reason), int(save_due)], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return BoundaryDecision(StopReason(int(flags[0])), bool(flags[1]))

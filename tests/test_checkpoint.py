@@ -1,0 +1,129 @@
+import json
+import threading
+
+import pytest
+import torch
+
+from hpcml import checkpoint as ckpt
+
+
+def snap(step: int, value: float = 1.0, ranks: int = 2) -> ckpt.Snapshot:
+    state = {"model": {"w": torch.full((4, 4), value)}, "optimizer": {"state": {}, "param_groups": []}}
+    rngs = [ckpt.capture_rng_state() for _ in range(ranks)]
+    return ckpt.snapshot(step, step * 8, 8, ranks, state, rngs, copy=True)
+
+
+def test_write_verify_load_round_trip(tmp_path):
+    path = ckpt.write_checkpoint(tmp_path, snap(10, 3.0))
+    assert path.name == "step-10"
+    manifest = ckpt.verify_checkpoint(path)
+    assert manifest["step"] == 10 and manifest["samples_consumed"] == 80 and manifest["world_size"] == 2
+    assert set(manifest["files"]) == {"train_state.pt", "rng-rank0.pt", "rng-rank1.pt"}
+    loaded = ckpt.load_checkpoint(path, manifest, rank=1, device=torch.device("cpu"))
+    assert torch.equal(loaded.train_state["model"]["w"], torch.full((4, 4), 3.0))
+    assert loaded.rng_state is not None and loaded.step == 10
+    # A rank beyond the writers' world keeps its own generators.
+    assert ckpt.load_checkpoint(path, manifest, rank=5, device=torch.device("cpu")).rng_state is None
+
+
+def test_rng_state_round_trips_exactly():
+    import random
+
+    import numpy as np
+
+    state = ckpt.capture_rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    ckpt.restore_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_newest_verified_wins_and_corruption_falls_back(tmp_path, caplog):
+    for step in (10, 20, 30):
+        ckpt.write_checkpoint(tmp_path, snap(step))
+    assert ckpt.find_latest_verified(tmp_path)[0].name == "step-30"
+    # Bit flip in the newest, truncation in the next: both skipped, with the reason logged.
+    state = tmp_path / "step-30" / "train_state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    state.write_bytes(bytes(data))
+    rng = tmp_path / "step-20" / "rng-rank1.pt"
+    rng.write_bytes(rng.read_bytes()[:-7])
+    with caplog.at_level("WARNING"):
+        path, manifest = ckpt.find_latest_verified(tmp_path)
+    assert path.name == "step-10" and manifest["step"] == 10
+    assert "step-30: train_state.pt fails its SHA-256 check" in caplog.text
+    assert "step-20: rng-rank1.pt has" in caplog.text and "(truncated?)" in caplog.text
+
+
+def test_folder_without_manifest_or_with_a_bad_one_is_never_trusted(tmp_path):
+    ckpt.write_checkpoint(tmp_path, snap(5))
+    (tmp_path / "step-9").mkdir()
+    (tmp_path / "step-9" / "train_state.pt").write_bytes(b"x")
+    (tmp_path / "step-8").mkdir()
+    (tmp_path / "step-8" / "manifest.json").write_text("{not json")
+    assert ckpt.find_latest_verified(tmp_path)[0].name == "step-5"
+    with pytest.raises(ckpt.CheckpointCorruptError, match="no manifest.json"):
+        ckpt.verify_checkpoint(tmp_path / "step-9")
+    with pytest.raises(ckpt.CheckpointCorruptError, match="unreadable manifest.json"):
+        ckpt.verify_checkpoint(tmp_path / "step-8")
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+    path = ckpt.write_checkpoint(tmp_path, snap(5))
+    (path / "rng-rank0.pt").unlink()
+    with pytest.raises(ckpt.CheckpointCorruptError, match="rng-rank0.pt is missing"):
+        ckpt.verify_checkpoint(path)
+    path = ckpt.write_checkpoint(tmp_path, snap(6))
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format"] = 99
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ckpt.CheckpointCorruptError, match="format 99"):
+        ckpt.verify_checkpoint(path)
+
+
+def test_partial_folders_are_ignored_and_pruned_with_old_checkpoints(tmp_path):
+    for step in (1, 2, 3, 4):
+        ckpt.write_checkpoint(tmp_path, snap(step))
+    (tmp_path / ".step-5.partial").mkdir()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-4", "step-3", "step-2", "step-1"]
+    ckpt.prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-3", "step-4"]
+
+
+def test_async_writer_snapshots_and_never_runs_two_writes_at_once(tmp_path, monkeypatch):
+    live = {"model": {"w": torch.zeros(3)}}
+    concurrent, peak, lock = [0], [0], threading.Lock()
+    real_write = ckpt.write_checkpoint
+
+    def tracked(directory, s):
+        with lock:
+            concurrent[0] += 1
+            peak[0] = max(peak[0], concurrent[0])
+        try:
+            return real_write(directory, s)
+        finally:
+            with lock:
+                concurrent[0] -= 1
+
+    monkeypatch.setattr(ckpt, "write_checkpoint", tracked)
+    writer = ckpt.CheckpointWriter(tmp_path, keep_last=10, asynchronous=True)
+    for step in range(1, 6):
+        writer.submit(ckpt.snapshot(step, step, 1, 1, live, [ckpt.capture_rng_state()], copy=True))
+        live["model"]["w"] += 1  # training goes on while the write runs: the snapshot must not change
+    writer.wait()
+    assert peak[0] == 1
+    for step in range(1, 6):
+        path = tmp_path / f"step-{step}"
+        state = ckpt.load_checkpoint(path, ckpt.verify_checkpoint(path), 0, torch.device("cpu")).train_state
+        assert torch.equal(state["model"]["w"], torch.full((3,), float(step - 1)))
+
+
+def test_a_failed_background_write_surfaces_on_the_training_thread(tmp_path, monkeypatch):
+    def broken(directory, s):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "write_checkpoint", broken)
+    writer = ckpt.CheckpointWriter(tmp_path, keep_last=1, asynchronous=True)
+    writer.submit(snap(1))
+    with pytest.raises(Exception, match="disk full"):
+        writer.wait()

@@ -1,0 +1,119 @@
+"""Signal and deadline paths, driven by injected signals and clocks: no sleeping."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+from hpcml import runtime, slurm
+from hpcml.config import PreemptConfig, TrainJobConfig
+from hpcml.errors import ConfigError, SubmissionError
+from hpcml.preempt import (
+    EXIT_REQUEUE_LIMIT,
+    EXIT_REQUEUED,
+    EXIT_STOPPED,
+    Deadline,
+    PreemptionGuard,
+    StopCoordinator,
+    StopReason,
+    parse_signal,
+)
+
+
+def test_guard_records_the_first_signal_and_restores_handlers():
+    before = signal.getsignal(signal.SIGUSR2)
+    with PreemptionGuard([signal.SIGUSR2, signal.SIGTERM]) as guard:
+        assert guard.received is None
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert guard.received == signal.SIGUSR2
+    assert signal.getsignal(signal.SIGUSR2) is before
+
+
+def test_deadline_with_an_injected_clock():
+    now = [1000.0]
+    deadline = Deadline(end_time=1100.0, margin_s=10.0, clock=lambda: now[0])
+    assert not deadline.reached(save_estimate_s=20.0, step_estimate_s=1.0)  # needs 51 s, has 100
+    now[0] = 1050.0
+    assert deadline.reached(save_estimate_s=20.0, step_estimate_s=1.0)  # needs 51 s, has 50
+    assert not Deadline(None, 10.0).reached(1e9, 1e9)  # no time limit: never
+
+
+def coordinator(guard, end_time=None, is_main=True, now=0.0):
+    return StopCoordinator(guard, Deadline(end_time, 0.0, clock=lambda: now), torch.device("cpu"), 1, is_main)
+
+
+def test_signal_beats_deadline_and_only_rank_0_watches_the_clock():
+    guard = PreemptionGuard([])
+    assert coordinator(guard, end_time=5.0, now=10.0).agree(1.0, 1.0, False).stop is StopReason.DEADLINE
+    assert coordinator(guard, end_time=5.0, now=10.0, is_main=False).agree(1.0, 1.0, False).stop is StopReason.NONE
+    guard.received = signal.SIGTERM
+    decision = coordinator(guard, end_time=5.0, now=10.0).agree(1.0, 1.0, True)
+    assert decision.stop is StopReason.SIGNAL and decision.save
+
+
+@pytest.mark.parametrize(
+    "name, expected", [("USR2", signal.SIGUSR2), ("SIGTERM", signal.SIGTERM), ("urg", signal.SIGURG)]
+)
+def test_parse_signal(name, expected):
+    assert parse_signal(name) == expected
+
+
+@pytest.mark.parametrize(
+    "bad, fragment", [("USR1", "NCCL"), ("KILL", "cannot be caught"), ("BOGUS", "not a signal name")]
+)
+def test_unusable_signals_are_refused(bad, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        PreemptConfig(signal=bad)
+
+
+@pytest.fixture
+def slurm_calls(monkeypatch):
+    calls = []
+    monkeypatch.setattr(slurm, "requeue", lambda job: calls.append(("requeue", job)))
+    monkeypatch.setattr(slurm, "set_comment", lambda job, text: calls.append(("comment", job, text)))
+    return calls
+
+
+def test_requeue_under_slurm(monkeypatch, slurm_calls):
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert runtime.requeue_or_stop(TrainJobConfig(), StopReason.SIGNAL) == EXIT_REQUEUED
+    assert slurm_calls == [("requeue", "42")]
+
+
+def test_array_tasks_are_requeued_by_their_own_id(monkeypatch, slurm_calls):
+    monkeypatch.setenv("SLURM_JOB_ID", "43")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "40")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    runtime.requeue_or_stop(TrainJobConfig(), StopReason.SIGNAL)
+    assert slurm_calls == [("requeue", "40_3")]
+
+
+def test_requeue_cap_fails_the_job_with_a_recorded_reason(monkeypatch, slurm_calls):
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    cfg = TrainJobConfig(preempt=PreemptConfig(max_requeues=3))
+    assert runtime.requeue_or_stop(cfg, StopReason.DEADLINE) == EXIT_REQUEUE_LIMIT
+    assert slurm_calls == [("comment", "42", "hpcml: requeue cap reached (3 restarts, preempt.max_requeues=3)")]
+
+
+def test_outside_slurm_or_with_requeue_off_it_only_stops(monkeypatch, slurm_calls):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert runtime.requeue_or_stop(TrainJobConfig(), StopReason.SIGNAL) == EXIT_STOPPED
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    assert (
+        runtime.requeue_or_stop(TrainJobConfig(preempt=PreemptConfig(requeue=False)), StopReason.SIGNAL) == EXIT_STOPPED
+    )
+    assert slurm_calls == []
+
+
+def test_a_failed_requeue_is_reported_not_hidden(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+
+    def refuse(job):
+        raise SubmissionError("scontrol: Job is not requeueable")
+
+    monkeypatch.setattr(slurm, "requeue", refuse)
+    assert runtime.requeue_or_stop(TrainJobConfig(), StopReason.SIGNAL) == EXIT_STOPPED

@@ -1,0 +1,106 @@
+"""Exact resume, in-process (one rank, gloo): an interrupted run ends bitwise equal to an uninterrupted one."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+from hpcml.config import CheckpointConfig, OptimConfig, TrainConfig, TrainJobConfig
+from hpcml.dist import setup_distributed, teardown_distributed
+from hpcml.env import SingleProcessEnvironment
+from hpcml.errors import ConfigError
+from hpcml.preempt import Deadline, PreemptionGuard, StopCoordinator, StopReason
+from hpcml.trainer import Trainer, parameters_checksum
+
+
+@pytest.fixture
+def ctx(monkeypatch):
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    context = setup_distributed(SingleProcessEnvironment({}), "gloo", 30)
+    yield context
+    teardown_distributed()
+
+
+def config(out, steps=60, **checkpoint) -> TrainJobConfig:
+    return TrainJobConfig(
+        optim=OptimConfig(name="adam", lr=0.01, momentum=0.0, schedule="cosine"),  # stateful optimizer and schedule
+        train=TrainConfig(steps=steps, global_batch_size=32, output_dir=str(out)),
+        checkpoint=CheckpointConfig(**checkpoint),
+    )
+
+
+class SignalAtStep(Trainer):
+    """Delivers a real SIGUSR2 to this process right after a chosen step."""
+
+    signal_step = 0
+
+    def train_step(self):
+        loss = super().train_step()
+        if self.step == self.signal_step:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return loss
+
+
+def run_interrupted(ctx, out, at_step, **checkpoint):
+    with PreemptionGuard([signal.SIGUSR2]) as guard:
+        stop = StopCoordinator(guard, Deadline(None, 0), ctx.device, 1, True)
+        trainer = SignalAtStep(config(out, **checkpoint), ctx, stop)
+        trainer.signal_step = at_step
+        return trainer.fit()
+
+
+def test_interrupted_runs_end_bitwise_equal_to_an_uninterrupted_one(ctx, tmp_path):
+    reference = Trainer(config(tmp_path / "ref"), ctx).fit().result.params_sha256
+    out = tmp_path / "run"
+    for at in (7, 23, 41):  # three interrupts, each followed by a fresh trainer that resumes
+        outcome = run_interrupted(ctx, out, at)
+        assert outcome.stopped is StopReason.SIGNAL and outcome.step == at
+    final = Trainer(config(out), ctx).fit()
+    assert final.result.resumed_from_step == 41
+    assert final.result.params_sha256 == reference
+
+
+def test_async_periodic_saves_resume_exactly_too(ctx, tmp_path):
+    reference = Trainer(config(tmp_path / "ref"), ctx).fit().result.params_sha256
+    out = tmp_path / "run"
+    outcome = run_interrupted(ctx, out, 33, every_steps=5, async_save=True, keep_last=2)
+    assert outcome.step == 33
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step-30", "step-33"]  # keep_last=2, periodic ones pruned
+    assert Trainer(config(out), ctx).fit().result.params_sha256 == reference
+
+
+def test_resume_none_and_explicit_path(ctx, tmp_path):
+    out = tmp_path / "run"
+    run_interrupted(ctx, out, 10)
+    fresh = Trainer(config(out, resume="none"), ctx)
+    fresh.resume()
+    assert fresh.step == 0
+    pinned = Trainer(config(tmp_path / "other", resume=str(out / "checkpoints" / "step-10")), ctx)
+    pinned.resume()
+    assert pinned.step == 10
+
+
+def test_changed_global_batch_is_refused(ctx, tmp_path):
+    out = tmp_path / "run"
+    run_interrupted(ctx, out, 10)
+    cfg = config(out)
+    cfg.train.global_batch_size = 16
+    with pytest.raises(ConfigError, match="same global batch"):
+        Trainer(cfg, ctx).resume()
+
+
+def test_a_finished_run_resumed_does_not_train_again(ctx, tmp_path):
+    first = Trainer(config(tmp_path), ctx).fit().result
+    again = Trainer(config(tmp_path), ctx).fit().result
+    assert again.resumed_from_step == 60 and again.params_sha256 == first.params_sha256
+
+
+def test_checksum_sees_a_one_bit_change(ctx, tmp_path):
+    trainer = Trainer(config(tmp_path), ctx)
+    before = parameters_checksum(trainer.model)
+    with torch.no_grad():
+        p = next(trainer.model.parameters())
+        p.view(-1)[0] = torch.nextafter(p.view(-1)[0], torch.tensor(1e9))
+    assert parameters_checksum(trainer.model) != before
