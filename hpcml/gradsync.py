@@ -6,6 +6,8 @@ keeps all gradients as views into one contiguous buffer, so the all-reduce needs
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -33,6 +35,22 @@ class DDPGradientSync:
 
     def synchronize(self) -> None:
         """Nothing to do: DDP's hooks reduced every bucket during backward."""
+
+    def settle(self, loss_of: Callable[[nn.Module], torch.Tensor]) -> None:
+        """One throwaway backward before the first real step.
+
+        DDP lays its gradient buckets out anew after its first backward, in the order gradients became
+        ready. The layout decides how gloo/NCCL chunk the buffer and so the order of float additions:
+        without this, the first step after a resume would use a different layout than the uninterrupted
+        run did, and resume would be close but not bitwise exact. Buffers (e.g. BatchNorm statistics)
+        are restored so the throwaway pass changes nothing; gradients are cleared by the next zero_grad.
+        """
+        inner = self.module.module
+        buffers = {name: b.detach().clone() for name, b in inner.named_buffers()}
+        loss_of(self.module).backward()
+        with torch.no_grad():
+            for name, b in inner.named_buffers():
+                b.copy_(buffers[name])
 
 
 class MPIGradientSync:
@@ -72,6 +90,9 @@ class MPIGradientSync:
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         # The gradients must stay views into the flat buffer, so they are zeroed, never set to None.
         self.flat_grad.zero_()
+
+    def settle(self, loss_of: Callable[[nn.Module], torch.Tensor]) -> None:
+        """Nothing to settle: the flat buffer's layout never changes."""
 
     def synchronize(self) -> None:
         if self.host is not self.flat_grad:

@@ -122,6 +122,10 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# Schedule every few seconds (defaults: 60 s main loop, 30 s backfill): a requeued job restarts promptly.
+SchedulerParameters=sched_interval=2,bf_interval=5
+# Keep the reason hpcml records when it gives up (requeue cap) where `sacct -o Comment` shows it.
+AccountingStoreFlags=job_comment
 ReturnToService=2
 JobRequeue=1
 MaxArraySize=1001

@@ -81,6 +81,12 @@ def requeue_or_stop(cfg: TrainJobConfig, reason: StopReason) -> int:
     try:
         slurm.requeue(job_id)
     except SubmissionError as err:
+        if "pending execution" in str(err) or slurm.job_state(job_id) in slurm.REQUEUED_STATES:
+            # Slurm is requeueing the job already (`scontrol requeue` from outside, or PreemptMode=REQUEUE).
+            log.warning(
+                "stopped (%s) at a saved checkpoint; Slurm is requeueing job %s already", reason.name.lower(), job_id
+            )
+            return EXIT_REQUEUED
         log.error("checkpoint saved but `scontrol requeue %s` failed: %s; resubmit to resume", job_id, err)
         return EXIT_STOPPED
     log.warning(

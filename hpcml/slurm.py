@@ -71,6 +71,17 @@ def job_end_time(job_id: str) -> float | None:
         return None
 
 
+# States of a job that Slurm is putting back in the queue, or already has.
+REQUEUED_STATES = ("PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "PREEMPTED")
+
+
+def job_state(job_id: str) -> str | None:
+    try:
+        return _slurm(["squeue", "-h", "-j", job_id, "-o", "%T"]).strip() or None
+    except (SubmissionError, subprocess.TimeoutExpired):
+        return None
+
+
 def requeue(job_id: str) -> None:
     _slurm(["scontrol", "requeue", job_id])
 

@@ -228,10 +228,14 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
-    def train_step(self) -> torch.Tensor:
-        idx = torch.from_numpy(self.stream.rank_batch(self.step, self.ctx.rank, self.ctx.world_size))
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.from_numpy(self.stream.rank_batch(step, self.ctx.rank, self.ctx.world_size))
         x = self.data.x_train[idx].to(self.ctx.device, non_blocking=True)
         y = self.data.y_train[idx].to(self.ctx.device, non_blocking=True)
+        return x, y
+
+    def train_step(self) -> torch.Tensor:
+        x, y = self._batch(self.step)
         self.sync.zero_grad(self.optimizer)
         loss = F.cross_entropy(self.sync.module(x), y)
         loss.backward()
@@ -270,6 +274,9 @@ class Trainer:
         cfg = self.cfg.train
         self.resume()
         first_step = self.step
+        if self.step < cfg.steps:
+            x, y = self._batch(self.step)
+            self.sync.settle(lambda module: F.cross_entropy(module(x), y))
         metrics = MetricsWriter(self.output_dir, self.ctx.is_main, cfg.steps, self.step)
         start = window_start = time.perf_counter()
         window_steps = 0

@@ -50,3 +50,19 @@ def sacct_state(job_id: str) -> str:
 def node_states() -> dict[str, str]:
     out = subprocess.run(["sinfo", "-N", "-h", "-o", "%N %T"], capture_output=True, text=True).stdout
     return dict(line.split() for line in out.splitlines())
+
+
+def attempts(job_id: str) -> list[str]:
+    """Every attempt of a job, oldest first, as sacct records them (a requeued attempt reads REQUEUED)."""
+    out = subprocess.run(
+        ["sacct", "-X", "-D", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True
+    ).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def last_logged_step(out_dir: Path) -> int:
+    path = out_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+    return max(steps, default=0)

@@ -117,3 +117,13 @@ def test_a_failed_requeue_is_reported_not_hidden(monkeypatch):
 
     monkeypatch.setattr(slurm, "requeue", refuse)
     assert runtime.requeue_or_stop(TrainJobConfig(), StopReason.SIGNAL) == EXIT_STOPPED
+
+
+def test_a_job_slurm_is_already_requeueing_counts_as_requeued(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+
+    def already(job):
+        raise SubmissionError("`scontrol requeue 42` failed: Job is pending execution for job 42")
+
+    monkeypatch.setattr(slurm, "requeue", already)
+    assert runtime.requeue_or_stop(TrainJobConfig(), StopReason.SIGNAL) == EXIT_REQUEUED

@@ -1,0 +1,185 @@
+"""Preemption, requeue, time limits and crashes on the real local cluster: nothing lost, nothing hung.
+
+Every interrupted run must end bitwise equal to the same run uninterrupted, with one restart per
+interrupt. Runs are slowed (fault.step_sleep_s) so that an interrupt lands in the middle of training.
+"""
+
+import random
+import re
+import subprocess
+import time
+
+import pytest
+from helpers import PYTHON, ROOT, TRAIN, attempts, last_logged_step, mpi_env, read_result
+
+SLOW = ["train.steps=300", "fault.step_sleep_s=0.05", "checkpoint.every_steps=50"]
+
+
+def submit(out_dir, *overrides, wait=True):
+    cmd = [
+        PYTHON,
+        TRAIN,
+        "cluster=local",
+        f"launch.wait={str(wait).lower()}",
+        "launch.poll_s=1",
+        f"train.output_dir={out_dir}",
+        f"hydra.run.dir={out_dir}",
+        *overrides,
+    ]
+    return subprocess.Popen(cmd, cwd=ROOT, env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def job_id_of(out_dir, timeout=60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        logs = list((out_dir / "slurm").glob("*_submitted.pkl")) if (out_dir / "slurm").exists() else []
+        if logs:
+            return logs[0].name.split("_")[0]
+        time.sleep(0.5)
+    raise AssertionError("no job was submitted")
+
+
+def wait_for_step(out_dir, step, timeout=120):
+    deadline = time.monotonic() + timeout
+    while last_logged_step(out_dir) < step:
+        assert time.monotonic() < deadline, f"training never reached step {step}"
+        time.sleep(0.3)
+
+
+def finish(proc, timeout=420):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"{out}\n{err}"
+    return out
+
+
+def new_out(name):
+    return ROOT / "outputs" / "test-runs" / f"{name}-{time.time_ns()}"
+
+
+@pytest.fixture(scope="module")
+def reference_sha():
+    out = new_out("reference")
+    finish(submit(out, "train.steps=300"))
+    return read_result(out)["params_sha256"]
+
+
+def interrupt(kind: str, job_id: str) -> None:
+    if kind == "scontrol_requeue":
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+    elif kind == "scancel_term":
+        # What the ranks of an srun job get when a preemption starts, or from a user.
+        subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
+    elif kind == "preemption":
+        # A job in the high-priority partition that needs every CPU: Slurm preempts ours to run it.
+        subprocess.run(
+            ["sbatch", "-p", "urgent", "-N2", "--ntasks-per-node=4", "-o", "/dev/null", "--wrap", "sleep 2"],
+            check=True,
+            capture_output=True,
+        )
+    else:
+        raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["scontrol_requeue", "scancel_term", "preemption"])
+def test_interrupted_run_resumes_by_itself_bitwise_equal(kind, reference_sha):
+    out = new_out(kind)
+    proc = submit(out, *SLOW)
+    job = job_id_of(out)
+    wait_for_step(out, random.Random(kind).randrange(60, 160))
+    interrupt(kind, job)
+    finish(proc)
+    result = read_result(out)
+    assert result["params_sha256"] == reference_sha
+    assert result["resumed_from_step"] is not None and result["replicas_identical"]
+    history = attempts(job)
+    assert history[-1] == "COMPLETED" and len(history) == 2, history  # exactly one restart
+    log = (out / "slurm" / f"{job}_0_log.err").read_text()
+    assert "stopping at step" in log and "(signal): saving a checkpoint" in log
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_several_interrupts_of_mixed_kinds(seed, reference_sha):
+    rng = random.Random(seed)
+    kinds = rng.sample(["scontrol_requeue", "scancel_term", "preemption"], k=2)
+    out = new_out(f"mixed{seed}")
+    proc = submit(out, *SLOW)
+    job = job_id_of(out)
+    at = sorted(rng.sample(range(30, 260, 10), k=len(kinds)))
+    for step, kind in zip(at, kinds):
+        wait_for_step(out, step)
+        interrupt(kind, job)
+        # Wait until this interrupt's restart has started training again before the next one.
+        deadline = time.monotonic() + 120
+        while len(attempts(job)) < 2 + kinds.index(kind) or "RUNNING" not in attempts(job)[-1:]:
+            assert time.monotonic() < deadline, attempts(job)
+            time.sleep(0.5)
+    finish(proc)
+    assert read_result(out)["params_sha256"] == reference_sha
+    assert len(attempts(job)) == len(kinds) + 1, attempts(job)
+
+
+def test_time_limit_signal_saves_and_requeues(reference_sha):
+    """A 1-minute limit with the warning 25 s ahead: the run needs two or more attempts to finish."""
+    out = new_out("timelimit")
+    proc = submit(
+        out,
+        "train.steps=300",
+        "fault.step_sleep_s=0.15",
+        "cluster.time_min=1",
+        "preempt.signal_lead_s=25",
+        "preempt.deadline_margin_s=0",
+    )
+    job = job_id_of(out)
+    finish(proc, timeout=600)
+    assert read_result(out)["params_sha256"] == reference_sha
+    history = attempts(job)
+    assert len(history) >= 2 and history[-1] == "COMPLETED", history
+    assert "TIMEOUT" not in history  # it always stopped itself before Slurm killed it
+    log = (out / "slurm" / f"{job}_0_log.err").read_text()
+    assert "(signal): saving a checkpoint" in log or "(deadline): saving a checkpoint" in log
+
+
+def test_kill_9_during_a_save_keeps_the_previous_checkpoint(reference_sha):
+    out = new_out("kill9")
+    proc = submit(
+        out,
+        "train.steps=300",
+        "fault.step_sleep_s=0.02",
+        "checkpoint.every_steps=50",
+        "fault.kill_during_save_at_step=150",
+    )
+    job = job_id_of(out)
+    # The rank killed mid-save fails the attempt; Slurm does not requeue a failed job by itself, so we
+    # do what a user (or `hpcml resume`) does: submit the same config again. It must resume from step-100.
+    out_text, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert attempts(job)[-1] == "FAILED"
+    assert (out / "checkpoints" / ".step-150.partial").exists()
+    finish(submit(out, "train.steps=300"))
+    result = read_result(out)
+    assert result["resumed_from_step"] == 100
+    assert result["params_sha256"] == reference_sha
+    assert not (out / "checkpoints" / ".step-150.partial").exists()  # cleaned up by the next commit
+
+
+def test_requeue_cap_fails_the_job_with_a_visible_reason():
+    out = new_out("cap")
+    proc = submit(out, *SLOW, "preempt.max_requeues=1")
+    job = job_id_of(out)
+    for n in range(2):
+        wait_for_step(out, 60 + 60 * n)
+        subprocess.run(["scancel", "--signal=TERM", job], check=True)
+        if n == 0:
+            deadline = time.monotonic() + 120
+            while attempts(job)[-1:] != ["RUNNING"] or len(attempts(job)) < 2:
+                assert time.monotonic() < deadline, attempts(job)
+                time.sleep(0.5)
+    out_text, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "failed" in err
+    assert attempts(job) == ["REQUEUED", "FAILED"]
+    row = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-j", job, "-o", "ExitCode,Comment"], capture_output=True, text=True
+    ).stdout
+    assert row.strip().startswith("5:0|hpcml: requeue cap reached (1 restarts, preempt.max_requeues=1)"), row
+    log = (out / "slurm" / f"{job}_0_log.err").read_text()
+    assert re.search(r"requeue cap reached .* the job fails here", log)
