@@ -169,5 +169,9 @@ def setup_distributed(env: LauncherEnvironment, requested_backend: str, timeout_
 
 
 def teardown_distributed() -> None:
+    """Leave together: rank 0 hosts the rendezvous store, and a peer whose store vanishes while it is
+    still tearing down dies in C++ ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()

@@ -140,6 +140,8 @@ def run_training(cfg: TrainJobConfig) -> int:
         end_all_ranks(rank, exc)
         raise
     teardown_distributed()
+    if ctx.uses_mpi and ctx.world_size > 1:
+        mpi.world().barrier()  # nobody exits (taking the store or its sockets) while a peer still tears down
     if code == EXIT_OK and ctx.is_main:
         r = outcome.result
         log.info(

@@ -105,12 +105,12 @@ def test_several_interrupts_of_mixed_kinds(seed, reference_sha):
     proc = submit(out, *SLOW)
     job = job_id_of(out)
     at = sorted(rng.sample(range(30, 260, 10), k=len(kinds)))
-    for step, kind in zip(at, kinds):
+    for n, (step, kind) in enumerate(zip(at, kinds, strict=True)):
         wait_for_step(out, step)
         interrupt(kind, job)
         # Wait until this interrupt's restart has started training again before the next one.
         deadline = time.monotonic() + 120
-        while len(attempts(job)) < 2 + kinds.index(kind) or "RUNNING" not in attempts(job)[-1:]:
+        while len(attempts(job)) < n + 2 or attempts(job)[-1] != "RUNNING":
             assert time.monotonic() < deadline, attempts(job)
             time.sleep(0.5)
     finish(proc)
@@ -183,3 +183,33 @@ def test_requeue_cap_fails_the_job_with_a_visible_reason():
     assert row.strip().startswith("5:0|hpcml: requeue cap reached (1 restarts, preempt.max_requeues=1)"), row
     log = (out / "slurm" / f"{job}_0_log.err").read_text()
     assert re.search(r"requeue cap reached .* the job fails here", log)
+
+
+def test_sbatch_mpirun_path_gets_the_time_limit_signal_through_its_trap(reference_sha):
+    """Under mpirun the ranks are not Slurm steps: the batch shell's trap must pass the warning on."""
+    done = subprocess.run(
+        [
+            "sbatch",
+            "--time=1",
+            "--signal=B:USR2@25",
+            "sbatch/train.sbatch",
+            "train.steps=300",
+            "fault.step_sleep_s=0.15",
+            "preempt.deadline_margin_s=0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    job = re.search(r"Submitted batch job (\d+)", done.stdout).group(1)
+    deadline = time.monotonic() + 480
+    while not attempts(job) or attempts(job)[-1] not in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"):
+        assert time.monotonic() < deadline, attempts(job)
+        time.sleep(2)
+    log = (ROOT / "outputs" / f"slurm-{job}.out").read_text()
+    history = attempts(job)
+    assert history[-1] == "COMPLETED" and len(history) >= 2, f"{history}\n{log[-3000:]}"
+    assert "(signal): saving a checkpoint" in log
+    result = read_result(ROOT / "outputs" / "runs" / f"sbatch-{job}")
+    assert result["launcher"] == "Open MPI (mpirun)" and result["params_sha256"] == reference_sha
