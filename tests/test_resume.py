@@ -130,3 +130,47 @@ def test_four_rank_resume_is_bitwise_exact(grad_sync, tmp_path):
     )
     assert read_result(resumed)["resumed_from_step"] == 25
     assert read_result(resumed)["params_sha256"] == read_result(tmp_path / "a")["params_sha256"]
+
+
+def test_time_based_saves_follow_the_clock(ctx, tmp_path, monkeypatch):
+    import hpcml.trainer as trainer_module
+
+    now = [1000.0]
+    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: now[0])
+    trainer = Trainer(config(tmp_path, every_minutes=2.0), ctx)
+    assert not trainer._periodic_save_due()
+    now[0] += 119
+    assert not trainer._periodic_save_due()
+    now[0] += 1
+    assert trainer._periodic_save_due()
+    trainer.save(wait=True)
+    assert not trainer._periodic_save_due()  # the clock restarts at each save
+
+
+@pytest.mark.mpi
+def test_resume_at_a_different_world_size_continues_the_same_stream(tmp_path):
+    """4 ranks save at step 25; 2 ranks finish. Same samples in the same order: the result matches
+    the 4-rank run to float tolerance (the reduction order differs, so not bitwise)."""
+    from helpers import read_result, run_train
+
+    run_train(["train.steps=60", f"train.output_dir={tmp_path / 'a'}", f"hydra.run.dir={tmp_path / 'a'}"], ranks=4)
+    run_train(
+        [
+            "train.steps=60",
+            "checkpoint.every_steps=25",
+            f"train.output_dir={tmp_path / 'b'}",
+            f"hydra.run.dir={tmp_path / 'b'}",
+        ],
+        ranks=4,
+    )
+    resumed = tmp_path / "c"
+    step25 = tmp_path / "b" / "checkpoints" / "step-25"
+    run_train(
+        ["train.steps=60", f"checkpoint.resume={step25}", f"train.output_dir={resumed}", f"hydra.run.dir={resumed}"],
+        ranks=2,
+    )
+    assert read_result(resumed)["resumed_from_step"] == 25 and read_result(resumed)["world_size"] == 2
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    c = torch.load(resumed / "model.pt", weights_only=True)
+    for name in a:
+        torch.testing.assert_close(c[name], a[name], rtol=1e-4, atol=1e-5)
