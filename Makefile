@@ -24,7 +24,8 @@ install: $(VENV)/.installed  ## virtualenv with hpcml (editable) and test tools
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[test]'
+	# compat mode puts the checkout on sys.path, which Hydra needs to find hydra_plugins/ in an editable install.
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
 cluster-up: deps install  ## start the local 2-node Slurm cluster (idempotent)
@@ -46,7 +47,7 @@ test-fast: deps install  ## unit and local-MPI tests; skips the slow real-cluste
 	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
 
 lint: install
-	$(PY) -m ruff check hpcml jobs tests
+	$(PY) -m ruff check hpcml hydra_plugins jobs tests
 
 clean:
 	rm -rf outputs/runs outputs/slurm-*.out .pytest_cache

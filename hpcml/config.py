@@ -96,6 +96,14 @@ class LaunchConfig:
     wait: bool = False
     # Seconds between state polls while waiting.
     poll_s: float = 5.0
+    # Print the sbatch script(s) that would be submitted, and submit nothing.
+    dry_run: bool = False
+    # How many trials of a sweep's job array may run at once (sbatch --array=...%N).
+    array_parallelism: int = 256
+
+    def __post_init__(self) -> None:
+        _require(self.poll_s > 0, f"launch.poll_s={self.poll_s} must be positive.")
+        _require(self.array_parallelism >= 1, f"launch.array_parallelism={self.array_parallelism} must be 1 or more.")
 
 
 @dataclass
@@ -249,6 +257,9 @@ class FaultConfig:
     rank: int = 0
     # Slow each step down (seconds), so that tests can interrupt a run at a chosen moment.
     step_sleep_s: float = 0.0
+    # Fail (on every rank, after the first step) while this file exists: a transient failure, like a bad
+    # node or a full disk, that a later `hpcml resume` gets past once it is gone.
+    raise_if_file_exists: str | None = None
 
 
 @dataclass

@@ -8,9 +8,11 @@ collective. A stop (signal or deadline) is saved by all ranks together; then ran
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from hpcml.config import TrainJobConfig
 from hpcml.dist import DistributedContext, setup_distributed, teardown_distributed
 from hpcml.env import detect_environment
 from hpcml.errors import SubmissionError
+from hpcml.fileio import write_atomically
 from hpcml.preempt import (
     EXIT_FAILED,
     EXIT_OK,
@@ -34,6 +37,9 @@ from hpcml.preempt import (
     parse_signal,
 )
 from hpcml.trainer import Trainer
+
+# Written by rank 0 into the output directory at every start (read by hpcml.sweep).
+JOB_RECORD = "slurm_job.json"
 
 log = logging.getLogger("hpcml")
 
@@ -59,6 +65,19 @@ def end_all_ranks(rank: int, exc: BaseException) -> None:
     sys.stderr.write("".join(f"[rank {rank}] {line}\n" for line in text.rstrip().splitlines()))
     sys.stderr.flush()
     mpi.abort_if_running(EXIT_FAILED)
+
+
+def record_job(output_dir: Path) -> None:
+    """Which Slurm job (and which restart of it) wrote this output directory, for `hpcml status`."""
+    env = dict(os.environ)
+    record = {
+        "job_id": slurm.current_job_id(env),
+        "restart_count": slurm.restart_count(env),
+        "nodes": env.get("SLURM_JOB_NODELIST"),
+        "started": time.time(),
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(output_dir / JOB_RECORD, lambda f: f.write(json.dumps(record, indent=2).encode()))
 
 
 def requeue_or_stop(cfg: TrainJobConfig, reason: StopReason) -> int:
@@ -125,6 +144,8 @@ def run_training(cfg: TrainJobConfig) -> int:
                 ctx.backend,
                 ctx.device,
             )
+            if ctx.is_main:
+                record_job(Path(cfg.train.output_dir))
             outcome = Trainer(cfg, ctx, _stop_coordinator(cfg, ctx, guard)).fit()
             if outcome.stopped is StopReason.NONE:
                 code = EXIT_OK

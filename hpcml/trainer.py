@@ -246,6 +246,8 @@ class Trainer:
         fault = self.cfg.fault
         if fault.raise_at_step == self.step and fault.rank == self.ctx.rank:
             raise RuntimeError(f"injected fault on rank {self.ctx.rank} at step {self.step} (fault.raise_at_step)")
+        if fault.raise_if_file_exists and Path(fault.raise_if_file_exists).exists():
+            raise RuntimeError(f"injected fault: {fault.raise_if_file_exists} exists (fault.raise_if_file_exists)")
         if fault.step_sleep_s:
             time.sleep(fault.step_sleep_s)
         return loss.detach()

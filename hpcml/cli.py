@@ -1,0 +1,109 @@
+"""`hpcml`: look after sweeps from the login node.
+
+hpcml status outputs/sweeps/<time> [--watch]     one row per trial: state, restarts, step, metrics
+hpcml report outputs/sweeps/<time> [--metric test_accuracy --mode max]
+hpcml resume outputs/sweeps/<time>               resubmit only trials that failed or never finished
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from hpcml.errors import HpcmlError
+from hpcml.sweep import TrialStatus, load_sweep, resume_sweep, sweep_status
+
+COLUMNS = ("trial", "overrides", "state", "restarts", "step", "loss", "test_acc", "elapsed", "error")
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4g}"
+
+
+def render_status(rows: list[TrialStatus]) -> str:
+    cells = [
+        (
+            str(r.num),
+            r.overrides,
+            r.state,
+            str(r.restarts),
+            str(r.step),
+            _fmt(r.loss),
+            _fmt(r.test_accuracy),
+            r.elapsed,
+            r.error[:100],
+        )
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(COLUMNS)]
+    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()  # noqa: E731
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.state] = counts.get(r.state, 0) + 1
+    summary = ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items()))
+    return "\n".join([line(COLUMNS), *(line(c) for c in cells), f"{len(rows)} trials: {summary}"])
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    sweep = load_sweep(args.sweep_dir)
+    while True:
+        table = render_status(sweep_status(sweep))
+        if not args.watch:
+            print(table)
+            return 0
+        print(f"\033[2J\033[H{time.strftime('%H:%M:%S')}  {sweep.path}\n{table}", flush=True)
+        time.sleep(args.interval)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from hpcml.report import write_report
+
+    report = write_report(load_sweep(args.sweep_dir), args.metric, args.mode)
+    print(report.markdown)
+    print(
+        f"best: trial {report.best.num} ({' '.join(report.best.overrides)}) with {args.metric}={report.best.value:.6g}"
+    )
+    print(f"written: {', '.join(str(p) for p in report.files)}")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    sweep = load_sweep(args.sweep_dir)
+    resubmitted = resume_sweep(sweep)
+    if not resubmitted:
+        print("nothing to resume: every trial has finished or is still queued or running")
+    else:
+        print(f"resubmitted {len(resubmitted)} trials: {', '.join(str(t.num) for t in resubmitted)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hpcml", description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    status = verbs.add_parser("status", help="one row per trial")
+    status.add_argument("sweep_dir", type=Path)
+    status.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    status.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes")
+    status.set_defaults(run=cmd_status)
+    report = verbs.add_parser("report", help="best trial, summary table, plots")
+    report.add_argument("sweep_dir", type=Path)
+    report.add_argument("--metric", default="test_accuracy", help="a metric the trials logged (metrics.jsonl)")
+    report.add_argument("--mode", choices=("max", "min"), default="max")
+    report.set_defaults(run=cmd_report)
+    resume = verbs.add_parser("resume", help="resubmit trials that failed or never finished")
+    resume.add_argument("sweep_dir", type=Path)
+    resume.set_defaults(run=cmd_resume)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except HpcmlError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

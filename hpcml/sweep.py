@@ -1,0 +1,291 @@
+"""Sweeps on Slurm: trials -> one job array per resource shape, submitted without waiting; the sweep's
+record (`sweep.json`), and each trial's state read back from Slurm and from its output directory.
+
+The Hydra launcher plugin (hydra_plugins/hpcml_launcher) turns `jobs/train.py -m ...` into `Trial`s and
+calls `submit_trials`; `hpcml status/report/resume` read what this module writes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hpcml import launch, slurm
+from hpcml.config import TrainJobConfig, to_plain_dict, validate
+from hpcml.errors import HpcmlError
+from hpcml.fileio import write_atomically
+from hpcml.metrics import METRICS_FILE
+from hpcml.runtime import JOB_RECORD
+from hpcml.trainer import RESULT_FILE
+
+SWEEP_FILE = "sweep.json"
+TRIAL_CONFIG = "trial_config.json"
+# Slurm states after which a trial will not run again by itself.
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+class SweepError(HpcmlError):
+    """A sweep directory, a sweep definition or a sweep query is not usable; the message says why."""
+
+
+@dataclass
+class Trial:
+    num: int
+    overrides: list[str]
+    dir: str
+    job_id: str | None = None
+    # Job ids of earlier submissions of this trial (hpcml resume), oldest first.
+    previous_job_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Sweep:
+    path: Path
+    trials: list[Trial]
+    created: float
+
+    @property
+    def record(self) -> Path:
+        return self.path / SWEEP_FILE
+
+    def save(self) -> None:
+        data = {"created": self.created, "trials": [asdict(t) for t in self.trials]}
+        write_atomically(self.record, lambda f: f.write(json.dumps(data, indent=2).encode()))
+
+
+def load_sweep(path: Path) -> Sweep:
+    record = Path(path) / SWEEP_FILE
+    if not record.is_file():
+        raise SweepError(
+            f"{path} is not a sweep directory (no {SWEEP_FILE}); give the directory that "
+            "`python jobs/train.py -m ...` printed, e.g. outputs/sweeps/<time>."
+        )
+    try:
+        data = json.loads(record.read_text())
+        return Sweep(Path(path), [Trial(**t) for t in data["trials"]], data["created"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise SweepError(f"{record} is unreadable: {err}") from err
+
+
+def trial_config(sweep: Sweep, trial: Trial) -> TrainJobConfig:
+    return validate(json.loads((sweep.path / trial.dir / TRIAL_CONFIG).read_text()))
+
+
+# ---------------------------------------------------------------- submission
+
+
+def _resource_key(cfg: TrainJobConfig) -> str:
+    """Trials can share one array only if Slurm gives them the same resources."""
+    return json.dumps(asdict(cfg.cluster), sort_keys=True) + json.dumps(asdict(cfg.preempt), sort_keys=True)
+
+
+def max_array_size() -> int:
+    text = slurm._slurm(["scontrol", "show", "config"])
+    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", text, re.MULTILINE)
+    return int(match.group(1)) if match else 1001
+
+
+def plan_arrays(configs: list[TrainJobConfig], limit: int) -> list[list[int]]:
+    """Indices of `configs` grouped into arrays: one per resource shape, split below Slurm's MaxArraySize."""
+    groups: dict[str, list[int]] = {}
+    for i, cfg in enumerate(configs):
+        groups.setdefault(_resource_key(cfg), []).append(i)
+    size = max(1, limit - 1)  # array indices run from 0 to MaxArraySize - 1
+    return [members[k : k + size] for members in groups.values() for k in range(0, len(members), size)]
+
+
+def write_trial_files(sweep_dir: Path, trial: Trial, cfg: TrainJobConfig) -> None:
+    trial_dir = sweep_dir / trial.dir
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    plain = to_plain_dict(cfg)
+    write_atomically(trial_dir / TRIAL_CONFIG, lambda f: f.write(json.dumps(plain, indent=2).encode()))
+
+
+def submit_trials(sweep: Sweep, trials: list[Trial], configs: list[TrainJobConfig], dry_run: bool = False) -> list[str]:
+    """Submit `trials` (already validated) as job arrays; returns the scripts when dry_run, else []."""
+    if not trials:
+        raise SweepError("the sweep is empty: no trial to submit. Give values to sweep, e.g. optim.lr=0.01,0.1")
+    launch.preflight(configs[0])
+    folder = sweep.path / launch.JOB_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)  # submitit pickles live here, and loading a pickle runs code
+    arrays = plan_arrays(configs, max_array_size() if not dry_run else 1001)
+    scripts = []
+    for members in arrays:
+        first = configs[members[0]]
+        executor = launch.make_executor(first, folder)
+        executor.update_parameters(array_parallelism=first.launch.array_parallelism)
+        if dry_run:
+            executor.parameters["map_count"] = len(members)
+            scripts.append(executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run"))
+            continue
+        with executor.batch():
+            jobs = [executor.submit(launch.TrainingJob(to_plain_dict(configs[i]))) for i in members]
+        for i, job in zip(members, jobs, strict=True):
+            trial = trials[i]
+            if trial.job_id:
+                trial.previous_job_ids.append(trial.job_id)
+            trial.job_id = job.job_id
+        sweep.save()  # after every array: what was submitted is on record even if a later one fails
+        print(f"submitted {len(members)} trials as Slurm array {jobs[0].job_id.split('_')[0]}")
+    return scripts
+
+
+# ---------------------------------------------------------------- state
+
+
+@dataclass
+class TrialStatus:
+    num: int
+    overrides: str
+    state: str
+    restarts: int
+    step: int
+    loss: float | None
+    test_accuracy: float | None
+    elapsed: str
+    error: str
+
+
+def _slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """job id -> (state, elapsed): live ones from squeue, finished ones from sacct's last attempt."""
+    if not job_ids:
+        return {}
+    arrays = sorted({j.split("_")[0] for j in job_ids})
+    states: dict[str, tuple[str, str]] = {}
+    acct = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-j", ",".join(arrays), "-o", "JobID,State,Elapsed"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    for line in acct.splitlines():
+        parts = line.split("|")
+        if len(parts) == 3:
+            states[parts[0]] = (parts[1].split()[0], parts[2])
+    queue = subprocess.run(
+        ["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i|%T|%M"], capture_output=True, text=True, timeout=60
+    ).stdout
+    for line in queue.splitlines():
+        parts = line.split("|")
+        if len(parts) == 3:
+            states[parts[0]] = (parts[1], parts[2])
+    return states
+
+
+def _metrics(trial_dir: Path) -> tuple[int, float | None, float | None]:
+    step, loss, accuracy = 0, None, None
+    path = trial_dir / METRICS_FILE
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line being written right now
+            step = max(step, record.get("step", 0))
+            loss = record.get("loss", loss)
+            accuracy = record.get("test_accuracy", accuracy)
+    return step, loss, accuracy
+
+
+_ERROR_LINE = re.compile(r"^(?:\[rank \d+\] )?([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)\b.*)$")
+
+
+def first_error(sweep: Sweep, trial: Trial) -> str:
+    """The first exception line in the trial's rank logs, or the last line Slurm wrote there."""
+    if not trial.job_id:
+        return ""
+    logs = sorted((sweep.path / launch.JOB_FOLDER).glob(f"{trial.job_id}_*_log.err"))
+    fallback = ""
+    for log in logs:
+        lines = [line.rstrip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        for line in lines:
+            match = _ERROR_LINE.match(line)
+            if match and not match.group(1).startswith("submitit"):
+                return match.group(1)
+        if lines and not fallback:
+            fallback = lines[-1]
+    return fallback
+
+
+def restarts_of(trial_dir: Path) -> int:
+    try:
+        return int(json.loads((trial_dir / JOB_RECORD).read_text())["restart_count"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def swept_overrides(sweep: Sweep) -> dict[int, list[str]]:
+    """Each trial's overrides, keeping only the keys whose values differ between trials."""
+    values: dict[str, set[str]] = {}
+    for trial in sweep.trials:
+        for override in trial.overrides:
+            key, _, value = override.partition("=")
+            values.setdefault(key, set()).add(value)
+    varying = {k for k, v in values.items() if len(v) > 1} or set(values)
+    return {t.num: [o for o in t.overrides if o.partition("=")[0] in varying] for t in sweep.trials}
+
+
+def sweep_status(sweep: Sweep) -> list[TrialStatus]:
+    states = _slurm_states([t.job_id for t in sweep.trials if t.job_id])
+    shown = swept_overrides(sweep)
+    rows = []
+    for trial in sweep.trials:
+        trial_dir = sweep.path / trial.dir
+        state, elapsed = states.get(trial.job_id or "", ("NOT SUBMITTED" if not trial.job_id else "UNKNOWN", ""))
+        step, loss, accuracy = _metrics(trial_dir)
+        error = first_error(sweep, trial) if state in TERMINAL_STATES - {"COMPLETED"} else ""
+        rows.append(
+            TrialStatus(
+                trial.num,
+                " ".join(shown[trial.num]),
+                state,
+                restarts_of(trial_dir),
+                step,
+                loss,
+                accuracy,
+                elapsed,
+                error,
+            )
+        )
+    return rows
+
+
+# States in which Slurm will still run (or is running) a trial without being asked.
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "SUSPENDED", "PREEMPTED", "RESIZING"}
+
+
+def needs_rerun(status: TrialStatus, trial_dir: Path) -> bool:
+    """No result yet, and Slurm will not run it again by itself (failed, cancelled, timed out, lost)."""
+    return not (trial_dir / RESULT_FILE).is_file() and status.state not in ACTIVE_STATES
+
+
+def resume_sweep(sweep: Sweep) -> list[Trial]:
+    """Resubmit only the trials that failed or never finished; their checkpoints carry them on."""
+    rows = {s.num: s for s in sweep_status(sweep)}
+    todo = [t for t in sweep.trials if needs_rerun(rows[t.num], sweep.path / t.dir)]
+    if todo:
+        submit_trials(sweep, todo, [trial_config(sweep, t) for t in todo])
+    return todo
+
+
+def new_sweep(path: Path, trials: list[Trial]) -> Sweep:
+    return Sweep(Path(path), trials, time.time())
+
+
+def follow(sweep: Sweep, poll_s: float, render) -> list[TrialStatus]:
+    """Block until every trial has ended, re-rendering the status table whenever it changes."""
+    last = None
+    while True:
+        rows = sweep_status(sweep)
+        table = render(rows)
+        if table != last:
+            print(table, flush=True)
+            last = table
+        if all(r.state in TERMINAL_STATES for r in rows):
+            return rows
+        time.sleep(poll_s)

@@ -1,0 +1,119 @@
+"""`python jobs/train.py -m ...` -> validated trials -> hpcml.sweep.submit_trials (one array per resource shape).
+
+Every trial is composed and validated before anything is submitted, so an unknown swept key or a bad
+value fails the whole sweep on the login node with nothing left half-submitted. Trials that do not
+submit (cluster.submit=false) run one after another right here, as Hydra's basic launcher would.
+
+No `from __future__ import annotations` here: Hydra's plugin scan executes this module outside
+sys.modules, where dataclasses cannot resolve string annotations.
+"""
+
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.plugins.launcher import Launcher
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HpcmlLauncherConf:
+    _target_: str = "hydra_plugins.hpcml_launcher.launcher.HpcmlLauncher"
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="hpcml", node=HpcmlLauncherConf, provider="hpcml")
+
+
+class HpcmlLauncher(Launcher):
+    def __init__(self) -> None:
+        self.config: DictConfig | None = None
+        self.hydra_context = None
+        self.task_function = None
+
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.task_function = task_function
+
+    def _trial_config(self, overrides: list[str], num: int) -> tuple[DictConfig, Path]:
+        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(sweep_config.hydra.job):
+            sweep_config.hydra.job.num = num
+            sweep_config.hydra.job.id = f"trial_{num}"
+        trial_dir = Path(str(self.config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
+        task = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"])
+        task.train.output_dir = str(trial_dir.resolve())
+        return task, trial_dir
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from hpcml.errors import HpcmlError
+
+        try:
+            return self._launch(job_overrides, initial_job_idx)
+        except HpcmlError as err:
+            # The same one-line error as a single run gets, not a traceback; nothing was submitted.
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    def _launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from hpcml.config import validate
+        from hpcml.errors import ConfigError
+        from hpcml.sweep import SweepError, Trial, new_sweep, submit_trials, write_trial_files
+
+        if not job_overrides:
+            raise SweepError("the sweep is empty: no trial to launch. Give values to sweep, e.g. optim.lr=0.01,0.1")
+        sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
+        trials, configs, tasks = [], [], []
+        for offset, overrides in enumerate(job_overrides):
+            num = initial_job_idx + offset
+            task, trial_dir = self._trial_config(list(overrides), num)
+            try:
+                configs.append(validate(task))
+            except ConfigError as err:
+                raise ConfigError(f"trial {num} ({' '.join(filter_overrides(overrides))}): {err}") from err
+            tasks.append(task)
+            trials.append(
+                Trial(num, list(filter_overrides(overrides)), str(trial_dir.resolve().relative_to(sweep_dir)))
+            )
+        if not configs[0].cluster.submit:
+            return self._run_here(job_overrides, initial_job_idx)
+        sweep = new_sweep(sweep_dir, trials)
+        dry_run = configs[0].launch.dry_run
+        if not dry_run:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            for trial, cfg, task in zip(trials, configs, tasks, strict=True):
+                write_trial_files(sweep_dir, trial, cfg)
+                (sweep_dir / trial.dir / "overrides.yaml").write_text(
+                    OmegaConf.to_yaml(OmegaConf.create(trial.overrides))
+                )
+                (sweep_dir / trial.dir / "config.yaml").write_text(OmegaConf.to_yaml(task))
+            sweep.save()
+        scripts = submit_trials(sweep, trials, configs, dry_run=dry_run)
+        if dry_run:
+            for script in scripts:
+                print(script)
+        else:
+            print(f"sweep of {len(trials)} trials: {sweep_dir}")
+            print(f"  follow: hpcml status {sweep_dir} --watch")
+            if configs[0].launch.wait:
+                from hpcml.cli import render_status
+                from hpcml.sweep import follow
+
+                follow(sweep, configs[0].launch.poll_s, render_status)
+        return [
+            JobReturn(overrides=list(o), cfg=t, status=JobStatus.COMPLETED, _return_value=None)
+            for o, t in zip(job_overrides, tasks, strict=True)
+        ]
+
+    def _run_here(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+
+        basic = BasicLauncher()
+        basic.setup(hydra_context=self.hydra_context, task_function=self.task_function, config=self.config)
+        return basic.launch(job_overrides, initial_job_idx)

@@ -1,0 +1,143 @@
+"""Sweep bookkeeping, status, report and the launcher's refusals, without a cluster."""
+
+import json
+import subprocess
+
+import pytest
+from helpers import PYTHON, ROOT, TRAIN, mpi_env
+
+from hpcml import sweep as sw
+from hpcml.cli import main as cli_main
+from hpcml.cli import render_status
+from hpcml.config import ClusterConfig, TrainJobConfig
+from hpcml.report import write_report
+
+
+def make_sweep(tmp_path, finals: dict[int, float | None]) -> sw.Sweep:
+    trials = []
+    for num, final in finals.items():
+        trial = sw.Trial(
+            num,
+            ["cluster=local", f"optim.lr={0.01 * (num + 1)}", f"model.width={16 * (num % 2 + 1)}"],
+            str(num),
+            f"90_{num}",
+        )
+        trial_dir = tmp_path / str(num)
+        trial_dir.mkdir()
+        lines = [{"step": s, "time": 0, "loss": 2.0 / s} for s in (10, 20, 30)]
+        if final is not None:
+            lines.append({"step": 30, "time": 0, "test_accuracy": final})
+        (trial_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        trials.append(trial)
+    sweep = sw.new_sweep(tmp_path, trials)
+    sweep.save()
+    return sweep
+
+
+def test_sweep_record_round_trips(tmp_path):
+    make_sweep(tmp_path, {0: 0.5, 1: 0.7})
+    loaded = sw.load_sweep(tmp_path)
+    assert [t.job_id for t in loaded.trials] == ["90_0", "90_1"] and loaded.trials[1].dir == "1"
+
+
+def test_a_directory_that_is_not_a_sweep_is_named(tmp_path):
+    with pytest.raises(sw.SweepError, match="is not a sweep directory"):
+        sw.load_sweep(tmp_path)
+    assert cli_main(["status", str(tmp_path)]) == 2
+
+
+def test_trials_group_by_resources_and_split_below_max_array_size():
+    small = TrainJobConfig(cluster=ClusterConfig(submit=True, nodes=1))
+    big = TrainJobConfig(cluster=ClusterConfig(submit=True, nodes=2))
+    configs = [small, big, small, small, big, small, small]
+    arrays = sw.plan_arrays(configs, limit=4)  # at most 3 tasks per array
+    assert arrays == [[0, 2, 3], [5, 6], [1, 4]]
+
+
+def test_only_swept_keys_are_shown():
+    sweep = sw.new_sweep(
+        ROOT, [sw.Trial(0, ["cluster=local", "optim.lr=0.1"], "0"), sw.Trial(1, ["cluster=local", "optim.lr=0.2"], "1")]
+    )
+    assert sw.swept_overrides(sweep) == {0: ["optim.lr=0.1"], 1: ["optim.lr=0.2"]}
+
+
+def test_first_error_line_comes_from_the_failing_rank_log(tmp_path):
+    sweep = make_sweep(tmp_path, {0: None})
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "slurm" / "90_0_0_log.err").write_text("submitit ERROR (2026) - Submitted job triggered an exception\n")
+    (tmp_path / "slurm" / "90_0_2_log.err").write_text(
+        "[rank 2] Traceback (most recent call last):\n[rank 2]   File x\n[rank 2] ValueError: bad shape (3, 4)\n"
+    )
+    assert sw.first_error(sweep, sweep.trials[0]) == "ValueError: bad shape (3, 4)"
+
+
+def test_status_table_and_rerun_rule(tmp_path, monkeypatch):
+    sweep = make_sweep(tmp_path, {0: 0.9, 1: None, 2: None})
+    (tmp_path / "0" / "result.json").write_text("{}")
+    monkeypatch.setattr(
+        sw,
+        "_slurm_states",
+        lambda ids: {"90_0": ("COMPLETED", "00:01:00"), "90_1": ("FAILED", "00:00:09"), "90_2": ("RUNNING", "0:30")},
+    )
+    rows = sw.sweep_status(sweep)
+    assert [r.state for r in rows] == ["COMPLETED", "FAILED", "RUNNING"]
+    assert rows[0].step == 30 and rows[0].test_accuracy == 0.9 and rows[2].loss == pytest.approx(2 / 30)
+    table = render_status(rows)
+    assert "optim.lr=0.01 model.width=16" in table and "cluster=local" not in table
+    assert table.splitlines()[-1] == "3 trials: 1 completed, 1 failed, 1 running"
+    assert [sw.needs_rerun(r, tmp_path / str(r.num)) for r in rows] == [False, True, False]
+
+
+def test_report_picks_the_best_and_writes_tables_and_plots(tmp_path):
+    sweep = make_sweep(tmp_path, {0: 0.81, 1: 0.93, 2: 0.88, 3: None})
+    report = write_report(sweep, "test_accuracy", "max")
+    assert report.best.num == 1 and report.best.value == 0.93
+    csv_rows = (tmp_path / "report" / "summary.csv").read_text().splitlines()
+    assert csv_rows[0] == "rank,trial,overrides,test_accuracy" and csv_rows[1].startswith("1,1,")
+    for name in ("curves_test_accuracy.png", "curves_loss.png", "final_test_accuracy_vs_optim.lr.png"):
+        assert (tmp_path / "report" / name).read_bytes()[:4] == b"\x89PNG"
+    assert write_report(sweep, "test_accuracy", "min").best.num == 0
+
+
+def test_report_on_a_metric_nobody_logged(tmp_path):
+    sweep = make_sweep(tmp_path, {0: 0.5})
+    with pytest.raises(
+        sw.SweepError, match="no trial logged a metric named 'bleu'; the trials logged: loss, test_accuracy"
+    ):
+        write_report(sweep, "bleu", "max")
+
+
+def run_sweep(*args):
+    return subprocess.run(
+        [PYTHON, TRAIN, "-m", *args], cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=120
+    )
+
+
+def test_dry_run_prints_one_array_script_and_submits_nothing(tmp_path, monkeypatch):
+    done = run_sweep(
+        "cluster=local",
+        "optim.lr=0.01,0.1",
+        "model.width=32,64,128",
+        "launch.dry_run=true",
+        "launch.array_parallelism=2",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("#!/bin/bash") == 1
+    assert "#SBATCH --array=0-5%2" in done.stdout and "--mpi=pmix" in done.stdout
+    assert not (tmp_path / "sweep.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["optim.lrr=0.1,0.2"], "Key 'lrr' not in 'OptimConfig'"),
+        (["optim.lr=choice()"], "empty choice is not legal"),
+        (["cluster.nodes=0,1"], "error: trial 0 (cluster=local cluster.nodes=0): cluster.nodes=0"),
+    ],
+)
+def test_bad_sweeps_are_refused_before_anything_is_submitted(args, message, tmp_path):
+    done = run_sweep("cluster=local", *args, f"hydra.sweep.dir={tmp_path}")
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert not (tmp_path / "sweep.json").exists()
