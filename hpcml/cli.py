@@ -79,6 +79,21 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace, overrides: list[str]) -> int:
+    """`python jobs/train.py` under another name, so the whole workflow reads `hpcml ...`."""
+    import os
+
+    entry = Path("jobs/train.py")
+    if not entry.is_file():
+        print("error: run `hpcml submit` from the project root (where jobs/train.py is)", file=sys.stderr)
+        return 2
+    argv = [sys.executable, str(entry), *(["-m"] if args.multirun else []), *overrides]
+    argv += ["launch.dry_run=true"] if args.dry_run else []
+    argv += ["launch.wait=true"] if args.wait else []
+    os.execv(sys.executable, argv)
+    return 0  # not reached
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hpcml", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -95,7 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     resume = verbs.add_parser("resume", help="resubmit trials that failed or never finished")
     resume.add_argument("sweep_dir", type=Path)
     resume.set_defaults(run=cmd_resume)
-    args = parser.parse_args(argv)
+    submit = verbs.add_parser("submit", help="submit a run (-m: a sweep); other arguments are Hydra overrides")
+    submit.add_argument("-m", "--multirun", action="store_true", help="a sweep: one job array")
+    submit.add_argument("--dry-run", action="store_true", help="print the sbatch script(s), submit nothing")
+    submit.add_argument("--wait", action="store_true", help="follow the job(s) to the end")
+    submit.set_defaults(run=None)
+    args, rest = parser.parse_known_args(argv)
+    if args.verb == "submit":
+        return cmd_submit(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.run(args)
     except HpcmlError as err:

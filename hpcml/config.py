@@ -67,6 +67,18 @@ class ClusterConfig:
             re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None,
             f"cluster.name={self.name!r}: use letters, digits, '_', '.' and '-' only (it becomes the Slurm job name).",
         )
+        for key in ("partition", "account", "qos", "constraint"):
+            value = getattr(self, key)
+            # These land in #SBATCH lines: a newline or quote there could start a line of shell.
+            _require(
+                value is None or re.fullmatch(r"[^\s'\"`$;\\]+", value) is not None,
+                f"cluster.{key}={value!r}: no spaces, newlines, quotes, '$', ';' or backslashes allowed.",
+            )
+        for name in self.env:
+            _require(
+                re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) is not None,
+                f"cluster.env key {name!r} is not a valid environment variable name.",
+            )
         _require(
             self.nodes >= 1, f"cluster.nodes={self.nodes}: a job needs at least 1 node; set cluster.nodes=1 or more."
         )
@@ -100,6 +112,9 @@ class LaunchConfig:
     dry_run: bool = False
     # How many trials of a sweep's job array may run at once (sbatch --array=...%N).
     array_parallelism: int = 256
+    # The result.json value each run hands back to Hydra: what an optimizing sweeper (Optuna) optimizes
+    # (its direction is the sweeper's own setting). A sweep that needs it waits for its trials.
+    objective: str = "test_accuracy"
 
     def __post_init__(self) -> None:
         _require(self.poll_s > 0, f"launch.poll_s={self.poll_s} must be positive.")

@@ -107,6 +107,3 @@ def make_gradient_sync(model: nn.Module, ctx: DistributedContext, cfg: TrainConf
     if cfg.grad_sync == "mpi":
         return MPIGradientSync(model, ctx)
     return DDPGradientSync(model, ctx, cfg)
-
-
-__all__ = ["DDPGradientSync", "MPIGradientSync", "make_gradient_sync"]

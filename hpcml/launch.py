@@ -71,6 +71,8 @@ def make_executor(cfg: TrainJobConfig, folder: Path) -> submitit.SlurmExecutor:
         srun_args=list(c.srun_args),
         setup=[*c.setup, *(f"export {k}={_shell_quote(v)}" for k, v in c.env.items())],
         stderr_to_stdout=False,
+        # Only used by job arrays (sweeps): how many trials may run at once.
+        array_parallelism=cfg.launch.array_parallelism,
         # The time-limit warning goes to every rank (no "B:"): each one can then stop at a step boundary.
         additional_parameters={
             "signal": f"{cfg.preempt.signal.upper().removeprefix('SIG')}@{cfg.preempt.signal_lead_s}"
@@ -91,16 +93,24 @@ def _shell_quote(value: str) -> str:
     return shlex.quote(str(value))
 
 
-def render_sbatch(cfg: TrainJobConfig, folder: Path) -> str:
-    """The exact batch script `submit` would hand to sbatch (submitit renders it; this asks it to)."""
+def render_sbatch(cfg: TrainJobConfig, folder: Path, array_size: int | None = None) -> str:
+    """The exact batch script `submit` (or, with array_size, a sweep's array) would hand to sbatch.
+
+    submitit renders it; these are its private hooks, pinned by the golden-file tests."""
     executor = make_executor(cfg, folder)
+    if array_size is not None:
+        executor.parameters["map_count"] = array_size
     return executor._make_submission_file_text(executor._submitit_command_str, uid="render")
 
 
-def submit(cfg: TrainJobConfig) -> submitit.Job:
+def submit(cfg: TrainJobConfig) -> submitit.Job | None:
+    """Submit one run; with launch.dry_run, print the batch script instead and return None."""
     preflight(cfg)
     output_dir = Path(cfg.train.output_dir).resolve()
     folder = output_dir / JOB_FOLDER
+    if cfg.launch.dry_run:
+        print(render_sbatch(cfg, folder))
+        return None
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)  # submitit pickles live here, and loading a pickle runs code
     executor = make_executor(cfg, folder)

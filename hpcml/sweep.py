@@ -57,6 +57,22 @@ class Sweep:
         write_atomically(self.record, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 
+def objective(result: dict, name: str) -> float:
+    if name not in result:
+        raise SweepError(f"launch.objective={name} is not in result.json; it holds: {', '.join(sorted(result))}.")
+    return float(result[name])
+
+
+def open_sweep(path: Path, trials: list[Trial]) -> Sweep:
+    """The sweep at `path` with `trials` added: sweepers that launch in batches (Optuna) add to one record."""
+    if (Path(path) / SWEEP_FILE).is_file():
+        sweep = load_sweep(path)
+        known = {t.num for t in sweep.trials}
+        sweep.trials += [t for t in trials if t.num not in known]
+        return sweep
+    return Sweep(Path(path), list(trials), time.time())
+
+
 def load_sweep(path: Path) -> Sweep:
     record = Path(path) / SWEEP_FILE
     if not record.is_file():
@@ -117,12 +133,10 @@ def submit_trials(sweep: Sweep, trials: list[Trial], configs: list[TrainJobConfi
     scripts = []
     for members in arrays:
         first = configs[members[0]]
-        executor = launch.make_executor(first, folder)
-        executor.update_parameters(array_parallelism=first.launch.array_parallelism)
         if dry_run:
-            executor.parameters["map_count"] = len(members)
-            scripts.append(executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run"))
+            scripts.append(launch.render_sbatch(first, folder, array_size=len(members)))
             continue
+        executor = launch.make_executor(first, folder)
         with executor.batch():
             jobs = [executor.submit(launch.TrainingJob(to_plain_dict(configs[i]))) for i in members]
         for i, job in zip(members, jobs, strict=True):
@@ -271,10 +285,6 @@ def resume_sweep(sweep: Sweep) -> list[Trial]:
     if todo:
         submit_trials(sweep, todo, [trial_config(sweep, t) for t in todo])
     return todo
-
-
-def new_sweep(path: Path, trials: list[Trial]) -> Sweep:
-    return Sweep(Path(path), trials, time.time())
 
 
 def follow(sweep: Sweep, poll_s: float, render) -> list[TrialStatus]:

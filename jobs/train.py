@@ -9,37 +9,51 @@
 Any key in conf/ can be overridden: `optim.lr=0.01 model.width=128 train.steps=500`.
 """
 
+import json
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from hpcml.config import register_configs, register_resolvers, validate
 from hpcml.errors import HpcmlError
+from hpcml.sweep import objective
+from hpcml.trainer import RESULT_FILE
 
 register_configs()
 register_resolvers()
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Returns the run's objective (launch.objective from result.json), which optimizing sweepers read."""
     try:
         job_config = validate(cfg)
         if job_config.cluster.submit:
             from hpcml.launch import submit, wait_for
 
             job = submit(job_config)
-            if job_config.launch.wait:
+            if job is not None and job_config.launch.wait:
                 result = wait_for(job, job_config.train.output_dir, job_config.launch.poll_s)
                 print(
                     f"finished: {result['steps']} steps on {result['num_nodes']} nodes x "
                     f"{result['world_size'] // result['num_nodes']} ranks, test accuracy {result['test_accuracy']:.4f}, "
                     f"replicas identical: {result['replicas_identical']}\n  outputs: {result['output_dir']}"
                 )
-        else:
-            from hpcml.runtime import run_training
+                return objective(result, job_config.launch.objective)
+            return None
+        from hpcml.runtime import run_training
 
-            sys.exit(run_training(job_config))
+        code = run_training(job_config)
+        if code != 0:
+            sys.exit(code)  # a stopped or failed rank: its documented exit status
+        result_path = Path(job_config.train.output_dir) / RESULT_FILE
+        return (
+            objective(json.loads(result_path.read_text()), job_config.launch.objective)
+            if result_path.exists()
+            else None
+        )
     except HpcmlError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -76,3 +76,21 @@ def test_world_size():
 def test_cluster_name_cannot_smuggle_sbatch_options():
     with pytest.raises(ConfigError, match="cluster.name"):
         ClusterConfig(name="x --partition=urgent")
+
+
+@pytest.mark.parametrize(
+    "cluster, fragment",
+    [
+        (dict(partition="gpu\necho pwned"), "cluster.partition"),
+        (dict(account="a'b"), "cluster.account"),
+        (dict(qos="x;y"), "cluster.qos"),
+        (dict(env={"BAD KEY": "1"}), "not a valid environment variable name"),
+    ],
+)
+def test_values_that_reach_the_batch_script_cannot_carry_shell(cluster, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        ClusterConfig(**cluster)
+
+
+def test_ordinary_site_values_pass():
+    ClusterConfig(partition="gpu-a100", account="proj_123", qos="normal", constraint="a100&ib|h100")

@@ -92,3 +92,19 @@ def test_rendered_sbatch_matches_golden(name, cluster, tmp_path):
 def test_env_values_cannot_inject_shell(tmp_path):
     cluster = ClusterConfig(submit=True, env={"X": "a; touch /tmp/pwned"})
     assert "export X='a; touch /tmp/pwned'" in render(cluster, tmp_path)
+
+
+def test_sweep_array_script_matches_golden(two_partitions, tmp_path):
+    from hpcml import sweep as sw
+
+    configs = [TrainJobConfig(cluster=LOCAL, train=TrainConfig(output_dir=str(tmp_path / str(i)))) for i in range(3)]
+    configs[0].launch.array_parallelism = 2
+    trials = [sw.Trial(i, [f"optim.lr={i}"], str(i)) for i in range(3)]
+    scripts = sw.submit_trials(sw.open_sweep(tmp_path, trials), trials, configs, dry_run=True)
+    assert len(scripts) == 1
+    text = scripts[0].replace(str(tmp_path), "<SWEEP>").replace(sys.executable, "<PYTHON>")
+    golden = GOLDEN / "local_array.sbatch"
+    if os.environ.get("HPCML_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text()
+    assert "#SBATCH --array=0-2%2" in text

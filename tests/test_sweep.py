@@ -1,6 +1,7 @@
 """Sweep bookkeeping, status, report and the launcher's refusals, without a cluster."""
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -29,7 +30,7 @@ def make_sweep(tmp_path, finals: dict[int, float | None]) -> sw.Sweep:
             lines.append({"step": 30, "time": 0, "test_accuracy": final})
         (trial_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
         trials.append(trial)
-    sweep = sw.new_sweep(tmp_path, trials)
+    sweep = sw.open_sweep(tmp_path, trials)
     sweep.save()
     return sweep
 
@@ -55,7 +56,7 @@ def test_trials_group_by_resources_and_split_below_max_array_size():
 
 
 def test_only_swept_keys_are_shown():
-    sweep = sw.new_sweep(
+    sweep = sw.open_sweep(
         ROOT, [sw.Trial(0, ["cluster=local", "optim.lr=0.1"], "0"), sw.Trial(1, ["cluster=local", "optim.lr=0.2"], "1")]
     )
     assert sw.swept_overrides(sweep) == {0: ["optim.lr=0.1"], 1: ["optim.lr=0.2"]}
@@ -113,21 +114,6 @@ def run_sweep(*args):
     )
 
 
-def test_dry_run_prints_one_array_script_and_submits_nothing(tmp_path, monkeypatch):
-    done = run_sweep(
-        "cluster=local",
-        "optim.lr=0.01,0.1",
-        "model.width=32,64,128",
-        "launch.dry_run=true",
-        "launch.array_parallelism=2",
-        f"hydra.sweep.dir={tmp_path}",
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.count("#!/bin/bash") == 1
-    assert "#SBATCH --array=0-5%2" in done.stdout and "--mpi=pmix" in done.stdout
-    assert not (tmp_path / "sweep.json").exists()
-
-
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -141,3 +127,39 @@ def test_bad_sweeps_are_refused_before_anything_is_submitted(args, message, tmp_
     assert done.returncode != 0
     assert message in done.stderr
     assert not (tmp_path / "sweep.json").exists()
+
+
+def test_batches_add_to_one_sweep_record(tmp_path):
+    first = sw.open_sweep(tmp_path, [sw.Trial(0, ["optim.lr=0.1"], "0")])
+    first.save()
+    second = sw.open_sweep(tmp_path, [sw.Trial(1, ["optim.lr=0.2"], "1")])
+    second.save()
+    assert [t.num for t in sw.load_sweep(tmp_path).trials] == [0, 1]
+
+
+def test_objective_must_be_in_the_result():
+    assert sw.objective({"test_accuracy": 0.9}, "test_accuracy") == 0.9
+    with pytest.raises(sw.SweepError, match="launch.objective=bleu is not in result.json; it holds: loss"):
+        sw.objective({"loss": 1.0}, "bleu")
+
+
+def test_a_local_sweep_runs_every_trial(tmp_path):
+    done = run_sweep("optim.lr=0.05,0.1", "train.steps=5", f"hydra.sweep.dir={tmp_path}")
+    assert done.returncode == 0, done.stderr
+    assert all((tmp_path / str(n) / "result.json").is_file() for n in (0, 1))
+
+
+def test_optuna_gets_each_trials_objective(tmp_path):
+    done = run_sweep(
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.n_jobs=3",
+        "hydra.sweeper.direction=maximize",
+        "optim.lr=interval(0.01,0.2)",
+        "train.steps=20",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert done.returncode == 0, done.stderr
+    best = float(re.search(r"Best value: ([\d.]+)", done.stdout + done.stderr).group(1))
+    accuracies = [json.loads((tmp_path / str(n) / "result.json").read_text())["test_accuracy"] for n in range(3)]
+    assert best == pytest.approx(max(accuracies))

@@ -64,7 +64,7 @@ class HpcmlLauncher(Launcher):
     def _launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from hpcml.config import validate
         from hpcml.errors import ConfigError
-        from hpcml.sweep import SweepError, Trial, new_sweep, submit_trials, write_trial_files
+        from hpcml.sweep import SweepError, Trial, open_sweep, submit_trials, write_trial_files
 
         if not job_overrides:
             raise SweepError("the sweep is empty: no trial to launch. Give values to sweep, e.g. optim.lr=0.01,0.1")
@@ -83,7 +83,7 @@ class HpcmlLauncher(Launcher):
             )
         if not configs[0].cluster.submit:
             return self._run_here(job_overrides, initial_job_idx)
-        sweep = new_sweep(sweep_dir, trials)
+        sweep = open_sweep(sweep_dir, trials)
         dry_run = configs[0].launch.dry_run
         if not dry_run:
             sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -98,18 +98,41 @@ class HpcmlLauncher(Launcher):
         if dry_run:
             for script in scripts:
                 print(script)
-        else:
-            print(f"sweep of {len(trials)} trials: {sweep_dir}")
-            print(f"  follow: hpcml status {sweep_dir} --watch")
-            if configs[0].launch.wait:
-                from hpcml.cli import render_status
-                from hpcml.sweep import follow
+            return [
+                JobReturn(overrides=list(o), cfg=t, status=JobStatus.COMPLETED)
+                for o, t in zip(job_overrides, tasks, strict=True)
+            ]
+        print(f"sweep of {len(sweep.trials)} trials: {sweep_dir}")
+        print(f"  follow: hpcml status {sweep_dir} --watch")
+        # Hydra's basic sweeper needs nothing back; an optimizing one (Optuna) needs each trial's objective.
+        needs_values = not str(self.config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper")
+        if not (configs[0].launch.wait or needs_values):
+            return [
+                JobReturn(overrides=list(o), cfg=t, status=JobStatus.COMPLETED)
+                for o, t in zip(job_overrides, tasks, strict=True)
+            ]
+        from hpcml.cli import render_status
+        from hpcml.sweep import follow
 
-                follow(sweep, configs[0].launch.poll_s, render_status)
+        follow(sweep, configs[0].launch.poll_s, render_status)
         return [
-            JobReturn(overrides=list(o), cfg=t, status=JobStatus.COMPLETED, _return_value=None)
-            for o, t in zip(job_overrides, tasks, strict=True)
+            self._outcome(o, t, sweep_dir / trial.dir, cfg)
+            for o, t, trial, cfg in zip(job_overrides, tasks, trials, configs, strict=True)
         ]
+
+    @staticmethod
+    def _outcome(overrides, task, trial_dir: Path, cfg) -> JobReturn:
+        import json
+
+        from hpcml.sweep import SweepError, objective
+        from hpcml.trainer import RESULT_FILE
+
+        result = trial_dir / RESULT_FILE
+        if not result.is_file():
+            error = SweepError(f"trial in {trial_dir} ended without a result; see `hpcml status`")
+            return JobReturn(overrides=list(overrides), cfg=task, status=JobStatus.FAILED, _return_value=error)
+        value = objective(json.loads(result.read_text()), cfg.launch.objective)
+        return JobReturn(overrides=list(overrides), cfg=task, status=JobStatus.COMPLETED, _return_value=value)
 
     def _run_here(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from hydra._internal.core_plugins.basic_launcher import BasicLauncher

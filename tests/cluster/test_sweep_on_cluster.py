@@ -103,3 +103,33 @@ def test_six_trial_sweep_end_to_end():
     record = json.loads((base / "4" / "slurm_job.json").read_text())
     assert record["job_id"] == after.trials[4].job_id
     assert (base / "4" / "overrides.yaml").is_file() and (base / "4" / "config.yaml").is_file()
+
+
+def test_optuna_sweep_waits_for_each_batch_and_gets_its_objectives():
+    base = ROOT / "outputs" / "test-runs" / f"optuna-{time.time_ns()}"
+    done = subprocess.run(
+        [
+            PYTHON,
+            TRAIN,
+            "-m",
+            "cluster=local",
+            "hydra/sweeper=optuna",
+            "hydra.sweeper.n_trials=4",
+            "hydra.sweeper.n_jobs=2",
+            "hydra.sweeper.direction=maximize",
+            "optim.lr=interval(0.02,0.2)",
+            "train.steps=50",
+            f"hydra.sweep.dir={base}",
+        ],
+        cwd=ROOT,
+        env=mpi_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(re.findall(r"submitted 2 trials as Slurm array \d+", done.stdout)) == 2  # one array per Optuna batch
+    assert [t.num for t in load_sweep(base).trials] == [0, 1, 2, 3]
+    accuracies = [json.loads((base / str(n) / "result.json").read_text())["test_accuracy"] for n in range(4)]
+    best = float(re.search(r"Best value: ([\d.]+)", done.stdout + done.stderr).group(1))
+    assert best == max(accuracies) or abs(best - max(accuracies)) < 1e-9
