@@ -7,7 +7,6 @@ leaves a half-submitted job behind.
 from __future__ import annotations
 
 import json
-import logging
 import shlex
 import sys
 import time
@@ -20,8 +19,6 @@ from hpcml import slurm
 from hpcml.config import TrainJobConfig, to_plain_dict, validate
 from hpcml.errors import SubmissionError
 from hpcml.trainer import RESULT_FILE
-
-log = logging.getLogger(__name__)
 
 JOB_FOLDER = "slurm"
 

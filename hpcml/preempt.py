@@ -10,7 +10,6 @@ signal: rank 0 compares the job's end time with how long a save takes.
 from __future__ import annotations
 
 import enum
-import logging
 import signal
 import time
 from collections.abc import Callable
@@ -18,8 +17,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-log = logging.getLogger(__name__)
 
 
 class StopReason(enum.IntEnum):

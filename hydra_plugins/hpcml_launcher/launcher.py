@@ -8,7 +8,6 @@ No `from __future__ import annotations` here: Hydra's plugin scan executes this 
 sys.modules, where dataclasses cannot resolve string annotations.
 """
 
-import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,8 +17,6 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf, open_dict
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
