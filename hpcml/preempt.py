@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hpcml import early_signals
+
 
 class StopReason(enum.IntEnum):
     """Ordered by priority: when ranks disagree, the largest value wins in the all-reduce."""
@@ -51,6 +53,7 @@ class PreemptionGuard:
         self.signals = list(dict.fromkeys(signals))
         self.received: signal.Signals | None = None
         self._previous: dict[signal.Signals, object] = {}
+        self._ignoring = False
 
     def _handle(self, signum: int, frame) -> None:
         if self.received is None:
@@ -59,12 +62,24 @@ class PreemptionGuard:
     def __enter__(self) -> PreemptionGuard:
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
+        if early_signals.SEEN and self.received is None:
+            # A warning that came while the process was still importing (hpcml.early_signals).
+            self.received = signal.Signals(early_signals.SEEN[0])
         return self
 
     def __exit__(self, *exc) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+        if not self._ignoring:
+            for sig, previous in self._previous.items():
+                signal.signal(sig, previous)
         self._previous.clear()
+
+    def ignore_late_signals(self) -> None:
+        """From now on, and after the guard closes: a time-limit warning that arrives while a finished
+        rank exits must not kill it (USR2's default action terminates the process; seen under mpirun,
+        which forwards it to every rank)."""
+        self._ignoring = True
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 class Deadline:

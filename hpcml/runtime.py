@@ -155,6 +155,7 @@ def run_training(cfg: TrainJobConfig) -> int:
                 if ctx.world_size > 1:
                     dist.broadcast_object_list(box, src=0)
                 code = box[0]
+            guard.ignore_late_signals()  # the run is over: what remains is teardown and exit
     except BaseException as exc:
         # No orderly teardown here: peers may be blocked in a collective, and destroying the process
         # group could wait on them. Aborting ends every rank at once.

@@ -9,6 +9,10 @@
 Any key in conf/ can be overridden: `optim.lr=0.01 model.width=128 train.steps=500`.
 """
 
+# First of all: inside a job, importing hpcml starts recording early warning signals (hpcml.early_signals).
+import hpcml  # noqa: F401
+
+# isort: split
 import json
 import sys
 from pathlib import Path

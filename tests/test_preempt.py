@@ -127,3 +127,33 @@ def test_a_job_slurm_is_already_requeueing_counts_as_requeued(monkeypatch):
 
     monkeypatch.setattr(slurm, "requeue", already)
     assert runtime.requeue_or_stop(TrainJobConfig(), StopReason.SIGNAL) == EXIT_REQUEUED
+
+
+def test_signals_after_the_run_are_ignored_not_fatal():
+    before = signal.getsignal(signal.SIGUSR2)
+    try:
+        with PreemptionGuard([signal.SIGUSR2]) as guard:
+            guard.ignore_late_signals()
+        os.kill(os.getpid(), signal.SIGUSR2)  # with the default action this would end pytest
+        assert signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+
+
+def test_a_warning_during_start_up_is_remembered(monkeypatch):
+    from hpcml import early_signals
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM)}
+    monkeypatch.setattr(early_signals, "SEEN", [])
+    try:
+        for s in saved:
+            signal.signal(s, signal.SIG_DFL)
+        assert not early_signals.install_if_launched({})  # a login node: nothing installed
+        assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL
+        assert early_signals.install_if_launched({"SLURM_STEP_ID": "0"})
+        os.kill(os.getpid(), signal.SIGUSR2)  # arrives while "importing torch"
+        with PreemptionGuard([signal.SIGUSR2, signal.SIGTERM]) as guard:
+            assert guard.received == signal.SIGUSR2
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
