@@ -10,7 +10,7 @@ CLUSTER_STATE ?= $(CURDIR)/.cluster
 APT_PACKAGES := slurm-wlm slurmdbd munge mariadb-server openmpi-bin libopenmpi-dev
 PYTEST_ARGS ?=
 
-.PHONY: help deps install cluster-up cluster-down cluster-status demo test test-fast lint clean
+.PHONY: help deps install cluster-up cluster-down cluster-status demo test test-fast bench bench-quick lint clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -45,6 +45,12 @@ test: deps install cluster-up  ## every test, the real-cluster ones included
 
 test-fast: deps install  ## unit and local-MPI tests; skips the slow real-cluster tests
 	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
+
+bench: cluster-up  ## every benchmark, full size (about half an hour): bench/results/*.json and summary.md
+	$(PY) -m hpcml.bench
+
+bench-quick: cluster-up  ## the same benchmarks, small and short (a few minutes)
+	$(PY) -m hpcml.bench --quick
 
 lint: install
 	$(PY) -m ruff check hpcml hydra_plugins jobs tests

@@ -20,6 +20,7 @@ from hpcml.errors import ConfigError
 
 BACKENDS = ("auto", "gloo", "nccl")
 GRAD_SYNCS = ("ddp", "mpi")
+DDP_TRANSPORTS = ("auto", "torch", "mpi")
 DATASETS = ("digits", "synthetic", "npz")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
@@ -192,6 +193,9 @@ class TrainConfig:
     # DDP's gradient bucket size and whether grads alias the buckets (saves a copy per step).
     ddp_bucket_cap_mb: float = 25.0
     gradient_as_bucket_view: bool = True
+    # What carries DDP's bucket all-reduces: torch (the process group: gloo or nccl), mpi, or auto (time
+    # both once per job on this job's ranks and give each bucket the faster; torch on GPUs and without MPI).
+    ddp_transport: str = "auto"
     # A collective that waits longer than this fails instead of hanging the job.
     dist_timeout_s: int = 300
     # Where rank 0 writes metrics, logs and results; the Hydra run directory by default.
@@ -203,6 +207,7 @@ class TrainConfig:
         _require(self.log_every >= 1, f"train.log_every={self.log_every} must be 1 or more.")
         _one_of("train.backend", self.backend, BACKENDS)
         _one_of("train.grad_sync", self.grad_sync, GRAD_SYNCS)
+        _one_of("train.ddp_transport", self.ddp_transport, DDP_TRANSPORTS)
 
 
 @dataclass

@@ -2,24 +2,53 @@
 
 Both average gradients over ranks after backward, so every rank applies the same update. The MPI path
 keeps all gradients as views into one contiguous buffer, so the all-reduce needs no packing copy.
+
+Where hpcml sums gradients itself (the MPI path, and DDP with its own comm hook), the 1/N of the average
+is folded into the loss before backward: scaling one scalar is free, while dividing the summed gradients
+is a full pass over them (for a power-of-two N the result is bitwise the same).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from hpcml import mpi
+from hpcml import mpi, transport
 from hpcml.config import TrainConfig
 from hpcml.dist import DistributedContext
 from hpcml.errors import ConfigError
+from hpcml.transport import TransportPlan
+
+log = logging.getLogger(__name__)
+
+# DDP puts the first gradients into a bucket of its own of about this size (torch's default).
+DDP_FIRST_BUCKET_BYTES = 1 << 20
+
+
+def resolve_ddp_transport(requested: str, ctx: DistributedContext) -> str:
+    """torch, mpi or auto (probe both); auto means torch wherever MPI cannot or need not compete."""
+    if requested == transport.MPI:
+        if not ctx.uses_mpi:
+            raise ConfigError(
+                f"train.ddp_transport=mpi needs an MPI launcher (mpirun, or srun --mpi=pmix); this job was started "
+                f"by {ctx.launcher}. Use train.ddp_transport=auto or torch."
+            )
+        if ctx.device.type != "cpu":
+            raise ConfigError(
+                "train.ddp_transport=mpi reduces host memory, and this job's gradients are on GPUs, where NCCL is "
+                "the fast path; use train.ddp_transport=auto or torch."
+            )
+    if requested == "auto" and (ctx.world_size == 1 or not ctx.uses_mpi or ctx.device.type != "cpu"):
+        return transport.TORCH
+    return requested
 
 
 class DDPGradientSync:
-    """torch's DDP: bucketed all-reduces overlap with backward."""
+    """torch's DDP: bucketed all-reduces overlap with backward; each bucket on the faster transport."""
 
     def __init__(self, model: nn.Module, ctx: DistributedContext, cfg: TrainConfig):
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -29,12 +58,58 @@ class DDPGradientSync:
             bucket_cap_mb=cfg.ddp_bucket_cap_mb,
             gradient_as_bucket_view=cfg.gradient_as_bucket_view,
         )
+        self.world_size = ctx.world_size
+        self.transport = resolve_ddp_transport(cfg.ddp_transport, ctx)
+        self.plan: TransportPlan | None = None
+        self._chosen: dict[int, str] = {}  # bucket numel -> transport, filled from the plan
+        self.loss_scale = 1.0
+        grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        self.largest_bucket_bytes = min(grad_bytes, max(int(cfg.ddp_bucket_cap_mb * (1 << 20)), DDP_FIRST_BUCKET_BYTES))
+        if self.transport != transport.TORCH:
+            # Our hook sums; DDP's built-in path (kept for transport=torch) divides each bucket instead.
+            self.loss_scale = 1.0 / ctx.world_size
+            self.module.register_comm_hook(None, self._reduce_bucket)
+            if self.transport == transport.MPI:
+                self.plan = TransportPlan.always(transport.MPI)
+
+    # No annotations: DDP compares them with its own types, and this module's are strings (PEP 563).
+    def _reduce_bucket(self, state, bucket):
+        return self.reduce_bucket_buffer(bucket.buffer())
+
+    def reduce_bucket_buffer(self, buffer: torch.Tensor) -> torch.futures.Future:
+        """Sum one bucket over ranks in place, on the transport the plan gives its size."""
+        if self.plan is None:  # settle()'s throwaway backward, before the probe: the process group
+            return transport.allreduce_sum_(buffer, transport.TORCH)
+        # Buckets keep their sizes from step to step: look each size up once (this runs per bucket per step).
+        chosen = self._chosen.get(buffer.numel())
+        if chosen is None:
+            chosen = self._chosen[buffer.numel()] = self.plan.for_bytes(buffer.numel() * buffer.element_size())
+        return transport.allreduce_sum_(buffer, chosen)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)
 
     def synchronize(self) -> None:
         """Nothing to do: DDP's hooks reduced every bucket during backward."""
+
+    def state_dict(self) -> dict:
+        plan = self.plan.as_state() if self.plan is not None and self.transport == "auto" else None
+        return {"transport_plan": plan, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Reuse a checkpoint's transport plan at the same world size, so the summation order is unchanged."""
+        if (
+            state
+            and state.get("transport_plan")
+            and state["world_size"] == self.world_size
+            and self.transport == "auto"
+        ):
+            self.plan = TransportPlan.from_state(state["transport_plan"])
+            self._chosen.clear()
+            log.info("all-reduce transports from the checkpoint: %s", self.plan.as_state())
 
     def settle(self, loss_of: Callable[[nn.Module], torch.Tensor]) -> None:
         """One throwaway backward before the first real step.
@@ -47,10 +122,17 @@ class DDPGradientSync:
         """
         inner = self.module.module
         buffers = {name: b.detach().clone() for name, b in inner.named_buffers()}
-        loss_of(self.module).backward()
+        self.backward(loss_of(self.module))
         with torch.no_grad():
             for name, b in inner.named_buffers():
                 b.copy_(buffers[name])
+        if self.transport == "auto" and self.plan is None:
+            self.plan, timings = transport.probe(self.largest_bucket_bytes)
+            log.info(
+                "all-reduce transport by bucket size (bytes): %s (probe: %s)",
+                self.plan.as_state(),
+                ", ".join(f"{t['bytes']}B torch {t['torch'] * 1e3:.2f}ms mpi {t['mpi'] * 1e3:.2f}ms" for t in timings),
+            )
 
 
 class MPIGradientSync:
@@ -64,6 +146,7 @@ class MPIGradientSync:
             )
         self.module = model
         self.world = mpi.world()
+        self.loss_scale = 1.0 / self.world.size
         params = [p for p in model.parameters() if p.requires_grad]
         total = sum(p.numel() for p in params)
         self.flat_grad = torch.zeros(total, dtype=params[0].dtype, device=params[0].device)
@@ -87,6 +170,15 @@ class MPIGradientSync:
                 p.copy_(flat[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
 
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Nothing to restore: one flat MPI all-reduce, always."""
+
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         # The gradients must stay views into the flat buffer, so they are zeroed, never set to None.
         self.flat_grad.zero_()
@@ -100,7 +192,6 @@ class MPIGradientSync:
         self.world.allreduce_sum_(self.host.numpy())
         if self.host is not self.flat_grad:
             self.flat_grad.copy_(self.host, non_blocking=False)
-        self.flat_grad.div_(self.world.size)
 
 
 def make_gradient_sync(model: nn.Module, ctx: DistributedContext, cfg: TrainConfig):

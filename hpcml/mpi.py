@@ -53,6 +53,10 @@ class MPIWorld:
         """Sum `buffer` over all ranks, in place (no temporary copy)."""
         self.comm.Allreduce(_mpi().IN_PLACE, buffer, op=_mpi().SUM)
 
+    def allreduce_max(self, value: float) -> float:
+        """The largest of one number over all ranks, on every rank."""
+        return self.comm.allreduce(value, op=_mpi().MAX)
+
     def broadcast_array_(self, buffer: np.ndarray, root: int = 0) -> None:
         """Overwrite `buffer` on every rank with root's values."""
         self.comm.Bcast(buffer, root=root)

@@ -52,6 +52,8 @@ class TrainingResult:
     elapsed_s: float
     output_dir: str
     resumed_from_step: int | None
+    # DDP's all-reduce transport per bucket size (bytes -> torch|mpi) when hpcml chose it; else None.
+    transport_plan: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "grad_sync": self.sync.state_dict(),
         }
 
     def _choose_checkpoint(self) -> tuple[str, dict[str, Any]] | None:
@@ -169,6 +172,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
+        self.sync.load_state_dict(state.get("grad_sync"))
         if loaded.rng_state is not None:
             ckpt.restore_rng_state(loaded.rng_state)
         # The data position is a count of global samples, so any world size continues the same stream.
@@ -238,7 +242,7 @@ class Trainer:
         x, y = self._batch(self.step)
         self.sync.zero_grad(self.optimizer)
         loss = F.cross_entropy(self.sync.module(x), y)
-        loss.backward()
+        self.sync.backward(loss)
         self.sync.synchronize()
         self.optimizer.step()
         self.scheduler.step()
@@ -331,6 +335,7 @@ class Trainer:
             elapsed_s=elapsed,
             output_dir=str(self.output_dir),
             resumed_from_step=self.resumed_from,
+            transport_plan=self.sync.state_dict().get("transport_plan"),
         )
         self._write_result(result)
         return TrainingOutcome(result, StopReason.NONE, self.step)

@@ -50,6 +50,7 @@ def test_wrong_type_fails_in_hydra():
         (["cluster.tasks_per_node=0"], "cluster.tasks_per_node=0"),
         (["train.backend=mpi"], "train.backend='mpi' is not one of auto, gloo, nccl"),
         (["train.grad_sync=horovod"], "train.grad_sync='horovod'"),
+        (["train.ddp_transport=ucx"], "train.ddp_transport='ucx' is not one of auto, torch, mpi"),
         (["optim.lr=-1"], "optim.lr=-1"),
         (["data.name=npz", "data.path=/nonexistent/data.npz"], "data.path=/nonexistent/data.npz does not exist"),
         (["data.name=npz"], "needs data.path"),

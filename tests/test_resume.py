@@ -107,12 +107,15 @@ def test_checksum_sees_a_one_bit_change(ctx, tmp_path):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("grad_sync", ["ddp", "mpi"])
-def test_four_rank_resume_is_bitwise_exact(grad_sync, tmp_path):
-    """With DDP this needs gradsync.settle(): a fresh DDP reduces its first step in another bucket layout."""
+@pytest.mark.parametrize(
+    "sync", [["train.grad_sync=ddp", "train.ddp_transport=torch"], ["train.ddp_transport=mpi"], ["train.grad_sync=mpi"]]
+)
+def test_four_rank_resume_is_bitwise_exact(sync, tmp_path):
+    """With DDP this needs gradsync.settle(): a fresh DDP reduces its first step in another bucket layout.
+    The transport is pinned because run a and run b are independent (transport=auto: see the next test)."""
     from helpers import read_result, run_train
 
-    common = ["train.steps=60", f"train.grad_sync={grad_sync}"]
+    common = ["train.steps=60", *sync]
     run_train([*common, f"train.output_dir={tmp_path / 'a'}", f"hydra.run.dir={tmp_path / 'a'}"], ranks=4)
     run_train(
         [*common, "checkpoint.every_steps=25", f"train.output_dir={tmp_path / 'b'}", f"hydra.run.dir={tmp_path / 'b'}"],
@@ -130,6 +133,30 @@ def test_four_rank_resume_is_bitwise_exact(grad_sync, tmp_path):
     )
     assert read_result(resumed)["resumed_from_step"] == 25
     assert read_result(resumed)["params_sha256"] == read_result(tmp_path / "a")["params_sha256"]
+
+
+@pytest.mark.mpi
+def test_resume_reuses_the_checkpoints_transport_plan(tmp_path):
+    """transport=auto decides once per run; a resumed run must not re-probe (noise could flip a choice and
+    change the order of float additions), so the plan travels in the checkpoint."""
+    from helpers import read_result, run_train
+
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    run_train(["train.steps=20", f"train.output_dir={first}", f"hydra.run.dir={first}"], ranks=2)
+    plan = read_result(first)["transport_plan"]
+    assert plan and set(plan.values()) <= {"torch", "mpi"}
+    done = run_train(
+        [
+            "train.steps=30",
+            f"checkpoint.resume={first / 'checkpoints' / 'step-20'}",
+            f"train.output_dir={resumed}",
+            f"hydra.run.dir={resumed}",
+        ],
+        ranks=2,
+    )
+    assert "all-reduce transports from the checkpoint" in done.stderr
+    assert "all-reduce transport by bucket size" not in done.stderr  # no second probe
+    assert read_result(resumed)["transport_plan"] == plan
 
 
 def test_time_based_saves_follow_the_clock(ctx, tmp_path, monkeypatch):

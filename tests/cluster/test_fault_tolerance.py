@@ -13,6 +13,9 @@ import pytest
 from helpers import PYTHON, ROOT, TRAIN, attempts, last_logged_step, mpi_env, read_result
 
 SLOW = ["train.steps=300", "fault.step_sleep_s=0.05", "checkpoint.every_steps=50"]
+# Independent runs are compared bitwise, so they must sum gradients in the same order: transport=auto
+# probes per run (a resumed run reuses its checkpoint's plan, so resume itself is exact either way).
+SAME_TRANSPORT = "train.ddp_transport=torch"
 
 
 def submit(out_dir, *overrides, wait=True):
@@ -24,6 +27,7 @@ def submit(out_dir, *overrides, wait=True):
         "launch.poll_s=1",
         f"train.output_dir={out_dir}",
         f"hydra.run.dir={out_dir}",
+        SAME_TRANSPORT,
         *overrides,
     ]
     return subprocess.Popen(cmd, cwd=ROOT, env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -196,6 +200,7 @@ def test_sbatch_mpirun_path_gets_the_time_limit_signal_through_its_trap(referenc
             "train.steps=300",
             "fault.step_sleep_s=0.15",
             "preempt.deadline_margin_s=0",
+            SAME_TRANSPORT,
         ],
         cwd=ROOT,
         capture_output=True,

@@ -1,0 +1,207 @@
+"""Training throughput of hpcml's Trainer at 1, 2 and 4 ranks, and what DDP's knobs do to it.
+
+Each variant builds a real `Trainer` on a synthetic problem and times `train_step()` (data slice,
+forward, backward with gradient sync, optimizer step) against the same step without gradient sync
+(DDP's `no_sync()`, or the MPI path's all-reduce skipped), in alternating blocks. So every rank count
+gives samples/s, the share of the step spent waiting on communication (1 - local / synced), and,
+against one rank, the scaling efficiency. The per-rank batch is fixed (weak scaling), as data-parallel
+jobs usually grow. Two model sizes: compute-bound (wide batch, small model) and communication-bound
+(big model, small batch); the latter also sweeps DDP's bucket size and gradient-as-bucket-view, and
+hpcml's transport choice against DDP's built-in gloo path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from hpcml.bench.launch import Layout, run_worker
+from hpcml.bench.record import BenchResult, Figure
+from hpcml.config import DataConfig, ModelConfig, TrainConfig, TrainJobConfig
+from hpcml.dist import setup_distributed, teardown_distributed
+from hpcml.env import detect_environment
+from hpcml.trainer import Trainer
+from hpcml.transport import iterations_for, mean_time
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    width: int
+    depth: int
+    input_dim: int
+    per_rank_batch: int
+    grad_sync: str = "ddp"
+    ddp_transport: str = "auto"
+    bucket_mb: float = 25.0
+    bucket_view: bool = True
+
+
+COMPUTE_BOUND = Variant("compute-bound", width=256, depth=3, input_dim=256, per_rank_batch=512)
+COMM_BOUND = Variant("comm-bound", width=1024, depth=3, input_dim=256, per_rank_batch=8)
+
+
+def _trainer(v: Variant, ctx, workdir: Path) -> Trainer:
+    global_batch = v.per_rank_batch * ctx.world_size
+    cfg = TrainJobConfig(
+        model=ModelConfig(width=v.width, depth=v.depth),
+        data=DataConfig(name="synthetic", num_samples=max(4096, 8 * global_batch), input_dim=v.input_dim),
+        train=TrainConfig(
+            steps=10**9,
+            global_batch_size=global_batch,
+            grad_sync=v.grad_sync,
+            ddp_transport=v.ddp_transport,
+            ddp_bucket_cap_mb=v.bucket_mb,
+            gradient_as_bucket_view=v.bucket_view,
+            output_dir=str(workdir),
+        ),
+    )
+    trainer = Trainer(cfg, ctx)
+    x, y = trainer._batch(0)
+    trainer.sync.settle(lambda module: torch.nn.functional.cross_entropy(module(x), y))
+    return trainer
+
+
+def _without_sync(trainer: Trainer):
+    """A context in which train_step() does no gradient communication."""
+    if hasattr(trainer.sync.module, "no_sync"):
+        return trainer.sync.module.no_sync()
+    sync = trainer.sync
+
+    class _Skip:
+        def __enter__(self):
+            self.saved = sync.synchronize
+            sync.synchronize = lambda: None
+
+        def __exit__(self, *exc):
+            sync.synchronize = self.saved
+
+    return _Skip()
+
+
+def measure(v: Variant, ctx, budget_s: float, rounds: int, workdir: Path) -> dict:
+    trainer = _trainer(v, ctx, workdir)
+
+    def synced() -> None:
+        trainer.train_step()
+
+    def local() -> None:
+        with _without_sync(trainer) if ctx.world_size > 1 else nullcontext():
+            trainer.train_step()
+
+    iters = iterations_for(synced, budget_s)
+    best_synced = best_local = float("inf")
+    for _ in range(rounds):
+        best_synced = min(best_synced, mean_time(synced, iters, warmup=0))
+        best_local = min(best_local, mean_time(local, iters, warmup=0))
+    params = sum(p.numel() for p in trainer.model.parameters())
+    return {
+        **asdict(v),
+        "ranks": ctx.world_size,
+        "params": params,
+        "grad_mb": params * 4 / 2**20,
+        "step_s": best_synced,
+        "local_step_s": best_local,
+        "samples_per_s": v.per_rank_batch * ctx.world_size / best_synced,
+        "comm_wait_share": max(0.0, 1 - best_local / best_synced),
+        "transport_plan": trainer.sync.state_dict().get("transport_plan"),
+    }
+
+
+def worker(out: Path, variants: list[Variant], budget_s: float, rounds: int) -> None:
+    ctx = setup_distributed(detect_environment(), "gloo", timeout_s=600)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    rows = [measure(v, ctx, budget_s, rounds, out.parent) for v in variants]
+    teardown_distributed()
+    if ctx.is_main:
+        out.write_text(json.dumps(rows))
+
+
+def plan(quick: bool) -> dict[int, list[Variant]]:
+    """Rank count -> the variants measured at it."""
+    ranks = (1, 2) if quick else (1, 2, 4)
+    knob_ranks = ranks[-1]
+    by_ranks = {n: [COMPUTE_BOUND, COMM_BOUND] for n in ranks}
+    buckets = (1.0, 25.0) if quick else (1.0, 5.0, 25.0, 100.0)
+    knobs = [
+        replace(COMM_BOUND, name=f"comm-bound bucket {mb:g} MB view {view}", bucket_mb=mb, bucket_view=view)
+        for mb in buckets
+        for view in (True, False)
+        if not (mb == COMM_BOUND.bucket_mb and view == COMM_BOUND.bucket_view)
+    ]
+    knobs.append(replace(COMM_BOUND, name="comm-bound transport torch", ddp_transport="torch"))
+    knobs.append(replace(COMM_BOUND, name="comm-bound grad_sync mpi", grad_sync="mpi"))
+    by_ranks[knob_ranks] = by_ranks[knob_ranks] + knobs
+    return by_ranks
+
+
+def figures_for(rows: list[dict]) -> list[Figure]:
+    figures = []
+    single = {r["name"]: r for r in rows if r["ranks"] == 1}
+    for r in rows:
+        if r["name"] in (COMPUTE_BOUND.name, COMM_BOUND.name) and r["ranks"] > 1 and r["name"] in single:
+            figures.append(
+                Figure(
+                    "training",
+                    f"{r['name']} samples/s, {r['ranks']} ranks (comm wait {100 * r['comm_wait_share']:.0f}% of a step)",
+                    "samples/s",
+                    r["samples_per_s"],
+                    f"{r['ranks']} x 1 rank",
+                    r["ranks"] * single[r["name"]]["samples_per_s"],
+                    higher_is_better=True,
+                )
+            )
+    top = max(r["ranks"] for r in rows)
+    default = next(r for r in rows if r["name"] == COMM_BOUND.name and r["ranks"] == top)
+    for r in rows:
+        if r["name"].startswith("comm-bound ") and r["ranks"] == top:
+            figures.append(
+                Figure(
+                    "training",
+                    f"{r['name']}, {top} ranks",
+                    "samples/s",
+                    r["samples_per_s"],
+                    "hpcml defaults (25 MB, view, auto)",
+                    default["samples_per_s"],
+                    higher_is_better=True,
+                )
+            )
+    return figures
+
+
+def run(quick: bool, workdir: Path) -> BenchResult:
+    budget_s, rounds = (0.15, 2) if quick else (0.5, 3)
+    result = BenchResult("training", quick, {"budget_s": budget_s, "rounds": rounds, "cpu_cores": os.cpu_count()})
+    for ranks, variants in plan(quick).items():
+        args = ["--variants", json.dumps([asdict(v) for v in variants]), "--budget-s", str(budget_s)]
+        rows = run_worker(Layout.local(ranks), __name__, [*args, "--rounds", str(rounds)], timeout_s=1800, cwd=workdir)
+        result.measurements.extend(rows)
+    result.figures = figures_for(result.measurements)
+    cores = os.cpu_count() or 1
+    if cores < 4:
+        result.notes.append(
+            f"this machine has {cores} cores: with one thread per rank, more than {cores} ranks share cores, "
+            f"so scaling efficiency beyond {cores} ranks measures oversubscription, not hpcml."
+        )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--variants", type=str, required=True)
+    parser.add_argument("--budget-s", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=3)
+    a = parser.parse_args()
+    worker(a.out, [Variant(**v) for v in json.loads(a.variants)], a.budget_s, a.rounds)
+
+
+if __name__ == "__main__":
+    main()
