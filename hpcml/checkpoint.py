@@ -1,17 +1,23 @@
-"""Verified, resumable checkpoints: `step-<N>/` folders committed by a SHA-256 manifest written last.
+"""Verified, resumable checkpoints: `step-<N>/` folders committed by a checksum manifest written last.
 
 Rank 0 writes every file (the replicated training state, and each rank's RNG state gathered to it) into
-`.step-<N>.partial/`, fsyncs them, writes `manifest.json` (a SHA-256 per file) to a temporary name and
+`.step-<N>.partial/`, fsyncs them, writes `manifest.json` (size and XXH3-128 per file) to a temporary name and
 renames it, fsyncs the folder, then renames the folder to `step-<N>` and fsyncs the parent. A folder
 without a valid manifest is never trusted: loading verifies every file against it and falls back to the
 previous verified checkpoint, saying why. Files are loaded with `weights_only=True`: never runs code.
+Verification reads each file once; loading then maps it (`mmap=True`) from the page cache the
+verification just filled, instead of reading and copying it a second time.
 
-With `async_save`, the state is copied to CPU at the step boundary and written by a background thread
-on rank 0; only one write is ever in flight. Other ranks never touch the disk when saving.
+With `async_save`, a background thread on rank 0 copies the state to CPU and then writes it; only one
+write is ever in flight. The copy overlaps the next step's forward and backward, which read the weights
+but do not change them: the trainer calls `wait_staged()` before anything that does (optimizer step,
+or a forward that updates buffers). Other ranks never touch the disk when saving.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -26,7 +32,7 @@ import numpy as np
 import torch
 
 from hpcml.errors import HpcmlError
-from hpcml.fileio import fsync_dir, sha256_of, write_atomically, write_hashed
+from hpcml.fileio import CHECKSUMS, digest_of, fsync_dir, write_atomically, write_hashed
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +42,7 @@ FORMAT_VERSION = 1
 
 
 class CheckpointCorruptError(HpcmlError):
-    """A checkpoint folder failed verification (missing or partial manifest, size or SHA-256 mismatch)."""
+    """A checkpoint folder failed verification (missing or partial manifest, size or checksum mismatch)."""
 
 
 def rng_file(rank: int) -> str:
@@ -110,6 +116,18 @@ class LoadedCheckpoint:
 # ---------------------------------------------------------------- writing
 
 
+@contextlib.contextmanager
+def _without_zip_crc32():
+    """torch.save computes a CRC-32 of every record (about half its time on this machine); the manifest's
+    checksum already covers every byte, so the checkpoint writer skips it and restores the setting."""
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(previous)
+
+
 def write_checkpoint(directory: Path, snap: Snapshot) -> Path:
     """Write and commit one checkpoint; returns the published `step-<N>` folder."""
     final = directory / step_dir_name(snap.step)
@@ -118,11 +136,11 @@ def write_checkpoint(directory: Path, snap: Snapshot) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     files: dict[str, dict[str, Any]] = {}
-    digest, size = write_hashed(partial / STATE_FILE, lambda f: torch.save(snap.train_state, f))
-    files[STATE_FILE] = {"sha256": digest, "bytes": size}
-    for rank, rng in enumerate(snap.rng_states):
-        digest, size = write_hashed(partial / rng_file(rank), lambda f, rng=rng: torch.save(rng, f))
-        files[rng_file(rank)] = {"sha256": digest, "bytes": size}
+    contents = {STATE_FILE: snap.train_state, **{rng_file(rank): rng for rank, rng in enumerate(snap.rng_states)}}
+    with _without_zip_crc32():
+        for name, obj in contents.items():
+            digest = write_hashed(partial / name, lambda f, obj=obj: torch.save(obj, f))
+            files[name] = {digest.algorithm: digest.hexdigest, "bytes": digest.size}
     manifest = {
         "format": FORMAT_VERSION,
         "step": snap.step,
@@ -184,8 +202,13 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
             raise CheckpointCorruptError(
                 f"{path.name}: {name} has {file.stat().st_size} bytes, the manifest says {expected['bytes']} (truncated?)"
             )
-        if sha256_of(file) != expected["sha256"]:
-            raise CheckpointCorruptError(f"{path.name}: {name} fails its SHA-256 check (corrupted)")
+        algorithm = next((a for a in CHECKSUMS if a in expected), None)
+        if algorithm is None:
+            raise CheckpointCorruptError(
+                f"{path.name}: {name} has no checksum this hpcml knows ({', '.join(CHECKSUMS)})"
+            )
+        if digest_of(file, algorithm) != expected[algorithm]:
+            raise CheckpointCorruptError(f"{path.name}: {name} fails its {algorithm} checksum (corrupted)")
     return manifest
 
 
@@ -200,7 +223,9 @@ def find_latest_verified(directory: Path) -> tuple[Path, dict[str, Any]] | None:
 
 
 def load_checkpoint(path: Path, manifest: dict[str, Any], rank: int, device: torch.device) -> LoadedCheckpoint:
-    state = torch.load(path / STATE_FILE, map_location=device, weights_only=True)
+    # mmap: the verification pass just read these pages; map them rather than read and copy them again.
+    # Checkpoint files are never modified in place (a re-save replaces the folder), so the mapping is stable.
+    state = torch.load(path / STATE_FILE, map_location=device, weights_only=True, mmap=True)
     rng_path = path / rng_file(rank)
     # A rank that did not exist when the checkpoint was written (resume at a larger world size) keeps its
     # freshly seeded generators.
@@ -219,27 +244,45 @@ class CheckpointWriter:
         self.keep_last = keep_last
         self.asynchronous = asynchronous
         self._thread: threading.Thread | None = None
+        self._staged = threading.Event()
+        self._staged.set()
         self._error: BaseException | None = None
         self.last_write_s: float | None = None
         self.last_committed: Path | None = None
 
-    def submit(self, snap: Snapshot) -> None:
+    def submit(self, snap: Snapshot, stage: bool = False) -> None:
+        """Write `snap`. With `stage` (asynchronous writers only) its tensors may still be live: the
+        background thread copies them first, and the caller must `wait_staged()` before changing them."""
         self.wait()  # the previous write finishes before the next starts
         if self.asynchronous:
-            self._thread = threading.Thread(target=self._write, args=(snap,), name="hpcml-checkpoint", daemon=False)
+            self._staged.clear()
+            self._thread = threading.Thread(
+                target=self._write, args=(snap, stage), name="hpcml-checkpoint", daemon=False
+            )
             self._thread.start()
         else:
-            self._write(snap)
+            self._write(snap, stage=False)
             self._raise_if_failed()
 
-    def _write(self, snap: Snapshot) -> None:
+    def wait_staged(self) -> None:
+        """Block until the write in flight no longer reads live tensors (at once when none is)."""
+        self._staged.wait()
+
+    def _write(self, snap: Snapshot, stage: bool) -> None:
         started = time.perf_counter()
         try:
+            if stage:
+                try:
+                    snap = dataclasses.replace(snap, train_state=_cpu_copy(snap.train_state))
+                finally:
+                    self._staged.set()
             self.last_committed = write_checkpoint(self.directory, snap)
             prune_checkpoints(self.directory, self.keep_last)
         except BaseException as err:  # surfaced on the training thread by wait()
             self._error = err
             return
+        finally:
+            self._staged.set()
         self.last_write_s = time.perf_counter() - started
         log.info("checkpoint %s committed in %.2fs", self.last_committed.name, self.last_write_s)
 

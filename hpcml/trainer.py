@@ -54,6 +54,8 @@ class TrainingResult:
     resumed_from_step: int | None
     # DDP's all-reduce transport per bucket size (bytes -> torch|mpi) when hpcml chose it; else None.
     transport_plan: dict[str, str] | None = None
+    # Unix time at which this process finished its first training step (start-up and resume benchmarks).
+    first_step_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,8 @@ class Trainer:
             if ctx.is_main
             else None
         )
+        # A forward that updates buffers (BatchNorm statistics) changes checkpointed state.
+        self._forward_changes_state = any(True for _ in self.model.buffers())
         self.step = 0
         self.resumed_from: int | None = None
         self._last_save_time = time.monotonic()
@@ -195,6 +199,8 @@ class Trainer:
             rng_states = [None] * self.ctx.world_size
             dist.all_gather_object(rng_states, ckpt.capture_rng_state())
         if self.writer is not None:
+            # An async writer copies the live state on its own thread, while the next step's forward and
+            # backward run; train_step() waits for that copy before the weights change.
             snap = ckpt.snapshot(
                 self.step,
                 self.stream.samples_consumed(self.step),
@@ -202,10 +208,10 @@ class Trainer:
                 self.ctx.world_size,
                 self.train_state(),
                 rng_states,
-                copy=self.writer.asynchronous,
+                copy=False,
             )
             self._maybe_inject_save_fault()
-            self.writer.submit(snap)
+            self.writer.submit(snap, stage=self.writer.asynchronous)
             if wait:
                 self.writer.wait()
             # The deadline check needs the whole cost of a save: stall plus (for async) the write.
@@ -241,9 +247,12 @@ class Trainer:
     def train_step(self) -> torch.Tensor:
         x, y = self._batch(self.step)
         self.sync.zero_grad(self.optimizer)
+        if self._forward_changes_state:
+            self._wait_checkpoint_staged()
         loss = F.cross_entropy(self.sync.module(x), y)
         self.sync.backward(loss)
         self.sync.synchronize()
+        self._wait_checkpoint_staged()
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -255,6 +264,10 @@ class Trainer:
         if fault.step_sleep_s:
             time.sleep(fault.step_sleep_s)
         return loss.detach()
+
+    def _wait_checkpoint_staged(self) -> None:
+        if self.writer is not None:
+            self.writer.wait_staged()
 
     def _at_boundary(self) -> BoundaryDecision:
         save_due = self._periodic_save_due()
@@ -286,11 +299,14 @@ class Trainer:
         metrics = MetricsWriter(self.output_dir, self.ctx.is_main, cfg.steps, self.step)
         start = window_start = time.perf_counter()
         window_steps = 0
+        first_step_at = None
         loss = torch.zeros((), device=self.ctx.device)
         try:
             while self.step < cfg.steps:
                 step_started = time.perf_counter()
                 loss = self.train_step()
+                if first_step_at is None:
+                    first_step_at = time.time()
                 window_steps += 1
                 metrics.advance()
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
@@ -336,6 +352,7 @@ class Trainer:
             output_dir=str(self.output_dir),
             resumed_from_step=self.resumed_from,
             transport_plan=self.sync.state_dict().get("transport_plan"),
+            first_step_at=first_step_at,
         )
         self._write_result(result)
         return TrainingOutcome(result, StopReason.NONE, self.step)

@@ -1,5 +1,6 @@
 import json
 import threading
+import time
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def test_newest_verified_wins_and_corruption_falls_back(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         path, manifest = ckpt.find_latest_verified(tmp_path)
     assert path.name == "step-10" and manifest["step"] == 10
-    assert "step-30: train_state.pt fails its SHA-256 check" in caplog.text
+    assert "step-30: train_state.pt fails its xxh3_128 checksum" in caplog.text
     assert "step-20: rng-rank1.pt has" in caplog.text and "(truncated?)" in caplog.text
 
 
@@ -118,6 +119,29 @@ def test_async_writer_snapshots_and_never_runs_two_writes_at_once(tmp_path, monk
         assert torch.equal(state["model"]["w"], torch.full((3,), float(step - 1)))
 
 
+def test_a_staged_async_save_holds_the_state_of_its_step_not_a_later_one(tmp_path, monkeypatch):
+    """The writer copies live tensors on its own thread; wait_staged() is what keeps the next update out."""
+    real_copy = ckpt._cpu_copy
+    copying = threading.Event()
+
+    def slow_copy(obj):
+        copying.set()
+        time.sleep(0.3)  # a big state on a slow node: the trainer reaches its next update meanwhile
+        return real_copy(obj)
+
+    monkeypatch.setattr(ckpt, "_cpu_copy", slow_copy)
+    live = {"model": {"w": torch.zeros(3)}}
+    writer = ckpt.CheckpointWriter(tmp_path, keep_last=10, asynchronous=True)
+    writer.submit(ckpt.snapshot(1, 1, 1, 1, live, [ckpt.capture_rng_state()], copy=False), stage=True)
+    assert copying.wait(5)
+    writer.wait_staged()  # what Trainer.train_step() does before optimizer.step()
+    live["model"]["w"] += 1
+    writer.wait()
+    path = tmp_path / "step-1"
+    state = ckpt.load_checkpoint(path, ckpt.verify_checkpoint(path), 0, torch.device("cpu")).train_state
+    assert torch.equal(state["model"]["w"], torch.zeros(3))
+
+
 def test_a_failed_background_write_surfaces_on_the_training_thread(tmp_path, monkeypatch):
     def broken(directory, s):
         raise OSError("disk full")
@@ -127,3 +151,27 @@ def test_a_failed_background_write_surfaces_on_the_training_thread(tmp_path, mon
     writer.submit(snap(1))
     with pytest.raises(Exception, match="disk full"):
         writer.wait()
+
+
+def test_checkpoints_with_sha256_manifests_still_load_and_unknown_checksums_do_not(tmp_path):
+    """Checkpoints written before the switch to XXH3-128 carry SHA-256 sums; they must stay resumable."""
+    import hashlib
+
+    path = ckpt.write_checkpoint(tmp_path, snap(7))
+    manifest_path = path / ckpt.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    assert all("xxh3_128" in entry for entry in manifest["files"].values())
+    for name, entry in manifest["files"].items():
+        del entry["xxh3_128"]
+        entry["sha256"] = hashlib.sha256((path / name).read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    assert ckpt.verify_checkpoint(path)["step"] == 7
+    manifest["files"][ckpt.STATE_FILE]["sha256"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ckpt.CheckpointCorruptError, match="fails its sha256 checksum"):
+        ckpt.verify_checkpoint(path)
+    for entry in manifest["files"].values():
+        entry["md5"] = entry.pop("sha256")
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ckpt.CheckpointCorruptError, match="no checksum this hpcml knows"):
+        ckpt.verify_checkpoint(path)

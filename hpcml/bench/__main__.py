@@ -22,6 +22,7 @@ BENCHMARKS = {
     "allreduce": "hpcml.bench.allreduce",
     "training": "hpcml.bench.training",
     "checkpoints": "hpcml.bench.checkpoints",
+    "startup": "hpcml.bench.startup",
 }
 
 

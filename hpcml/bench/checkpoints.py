@@ -3,10 +3,11 @@
 In one process, in the same directory and with the same byte count:
 - disk write: one buffer written with `write()` and fsynced; disk read: read back after its pages were
   dropped from the page cache (posix_fadvise DONTNEED, no root needed), so it comes from the disk;
-- hpcml save: `write_checkpoint` of a real training state (MLP + Adam): serialise, SHA-256, fsync,
+- hpcml save: `write_checkpoint` of a real training state (MLP + Adam): serialise, checksum, fsync,
   manifest, rename; hpcml load: verify the manifest's hashes and load, with the cache dropped first;
-- the training stall of a save: what the step boundary waits for with `async_save` (copy to CPU and
-  hand off) against a synchronous save of the same state.
+- the training stall of a save: a training loop of that model saving every few steps, against the
+  same loop without saves; the extra time per save, with `async_save` (a thread copies the state while
+  the next forward/backward runs, then writes it, competing with training for the cores) and without.
 Each is the best of a few repeats, alternating, so drift hits all alike.
 """
 
@@ -39,14 +40,26 @@ def drop_from_page_cache(path: Path) -> None:
             os.close(fd)
 
 
-def training_state(target_bytes: int) -> dict:
-    """Model + Adam state (about 3x the parameters) of roughly `target_bytes`."""
-    width = max(64, int((target_bytes / 4 / 3 / 3) ** 0.5))  # 3 square layers, 3 copies (params, m, v)
-    model = build_mlp(ModelConfig(width=width, depth=3), width, 10)
-    optimizer = torch.optim.Adam(model.parameters())
-    model(torch.randn(4, width)).sum().backward()
-    optimizer.step()
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+class TrainingLoop:
+    """An MLP with Adam whose training state (parameters, moments: about 3x the parameters) is roughly
+    `target_bytes`."""
+
+    def __init__(self, target_bytes: int, batch: int = 32):
+        width = max(64, int((target_bytes / 4 / 3 / 3) ** 0.5))  # 3 square layers, 3 copies (params, m, v)
+        self.model = build_mlp(ModelConfig(width=width, depth=3), width, 10)
+        self.optimizer = torch.optim.Adam(self.model.parameters())
+        self.x = torch.randn(batch, width)
+        self.step()
+
+    def step(self, before_update=lambda: None) -> None:
+        """One step; `before_update` runs between backward and the optimizer (as in hpcml's Trainer)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model(self.x).sum().backward()
+        before_update()
+        self.optimizer.step()
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
 
 def _snapshot(state: dict, step: int, copy: bool) -> ckpt.Snapshot:
@@ -54,6 +67,7 @@ def _snapshot(state: dict, step: int, copy: bool) -> ckpt.Snapshot:
 
 
 def disk_write(path: Path, buffer: np.ndarray) -> float:
+    os.sync()  # nobody's earlier writes (or deletions) are flushed on this measurement's time
     started = time.perf_counter()
     with open(path, "wb") as f:
         f.write(memoryview(buffer))
@@ -77,6 +91,7 @@ def disk_read(path: Path, into: bytearray) -> float:
 
 def hpcml_save(directory: Path, state: dict, step: int) -> tuple[float, Path]:
     snap = _snapshot(state, step, copy=False)
+    os.sync()
     started = time.perf_counter()
     path = ckpt.write_checkpoint(directory, snap)
     return time.perf_counter() - started, path
@@ -90,27 +105,42 @@ def hpcml_load(path: Path) -> float:
     return time.perf_counter() - started
 
 
-def save_stall(directory: Path, state: dict, asynchronous: bool, step: int) -> float:
-    """What the step boundary waits for; an async write then finishes in the background (not counted)."""
-    writer = ckpt.CheckpointWriter(directory, keep_last=1, asynchronous=asynchronous)
+def training_stall(directory: Path, loop: TrainingLoop, asynchronous: bool | None, saves: int, gap: int) -> float:
+    """Seconds of `saves * gap` training steps with a save every `gap` steps (none when asynchronous
+    is None). The loop ends at its last step: an async write still running then is not training time."""
+    writer = ckpt.CheckpointWriter(directory, keep_last=1, asynchronous=bool(asynchronous))
     started = time.perf_counter()
-    writer.submit(_snapshot(state, step, copy=asynchronous))
-    stall = time.perf_counter() - started
+    for step in range(1, saves * gap + 1):
+        loop.step(before_update=writer.wait_staged)
+        if asynchronous is not None and step % gap == 0:
+            writer.submit(_snapshot(loop.state(), step, copy=False), stage=bool(asynchronous))
+    elapsed = time.perf_counter() - started
     writer.wait()
-    return stall
+    return elapsed
 
 
 def measure(workdir: Path, target_bytes: int, repeats: int) -> dict:
     scratch = workdir / "checkpoint-bench"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
+    threads = torch.get_num_threads()
+    # One thread, as a rank runs under hpcml (cluster.env sets OMP_NUM_THREADS=1): the writer thread of an
+    # async save then competes with training for the node's cores, not with torch's own thread pool.
+    torch.set_num_threads(1)
     try:
-        state = training_state(target_bytes)
-        _, path = hpcml_save(scratch / "sizing", state, 0)
+        loop = TrainingLoop(target_bytes)
+        state = loop.state()
+        sizing, path = hpcml_save(scratch / "sizing", state, 0)
         nbytes = sum(f.stat().st_size for f in path.iterdir())
         buffer = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
         into = bytearray(nbytes)
-        best = {k: float("inf") for k in ("disk_write", "disk_read", "save", "load", "sync_stall", "async_stall")}
+        # Leave an async write time to finish between saves: gap steps take about 3 synchronous saves.
+        started = time.perf_counter()
+        for _ in range(5):
+            loop.step()
+        step_s = (time.perf_counter() - started) / 5
+        gap, saves = max(2, round(3 * sizing / step_s)), 3
+        best = {k: float("inf") for k in ("disk_write", "disk_read", "save", "load", "no_save", "sync", "async")}
         for i in range(repeats):
             raw = scratch / "raw.bin"
             best["disk_write"] = min(best["disk_write"], disk_write(raw, buffer))
@@ -119,10 +149,21 @@ def measure(workdir: Path, target_bytes: int, repeats: int) -> dict:
             seconds, path = hpcml_save(scratch / "ckpt", state, i + 1)
             best["save"] = min(best["save"], seconds)
             best["load"] = min(best["load"], hpcml_load(path))
-            best["sync_stall"] = min(best["sync_stall"], save_stall(scratch / "sync", state, False, i + 1))
-            best["async_stall"] = min(best["async_stall"], save_stall(scratch / "async", state, True, i + 1))
-        return {"bytes": nbytes, "repeats": repeats, **{f"{k}_s": v for k, v in best.items()}}
+            for mode, asynchronous in (("no_save", None), ("sync", False), ("async", True)):
+                seconds = training_stall(scratch / mode, loop, asynchronous, saves, gap)
+                best[mode] = min(best[mode], seconds)
+        stalls = {f"{mode}_stall_s": max(0.0, best.pop(mode) - best["no_save"]) / saves for mode in ("sync", "async")}
+        return {
+            "bytes": nbytes,
+            "repeats": repeats,
+            "step_s": step_s,
+            "saves": saves,
+            "gap_steps": gap,
+            **{f"{k}_s": v for k, v in best.items()},
+            **stalls,
+        }
     finally:
+        torch.set_num_threads(threads)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -139,7 +180,7 @@ def run(quick: bool, workdir: Path) -> BenchResult:
         Figure("checkpoints", f"load throughput (verify + load), {size}", "GB/s", gb / m["load_s"], "disk read",
                gb / m["disk_read_s"], higher_is_better=True, target=0.8),
         # The target is on the stall: async at most 10% of sync, i.e. sync / async >= 10.
-        Figure("checkpoints", f"training stall of an async save, {size}", "s", m["async_stall_s"], "sync save",
-               m["sync_stall_s"], higher_is_better=False, target=10.0),
+        Figure("checkpoints", f"training stall per async save, {size}", "s", max(m["async_stall_s"], 1e-4),
+               "sync save", m["sync_stall_s"], higher_is_better=False, target=10.0),
     ]  # fmt: skip
     return result
