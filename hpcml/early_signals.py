@@ -13,6 +13,17 @@ SEEN: list[int] = []
 _LAUNCHED_MARKERS = ("SLURM_STEP_ID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
+def parse_signal(name: str) -> signal.Signals:
+    """USR2, SIGUSR2 or usr2 -> signal.SIGUSR2 (here, not in hpcml.preempt, so that config validation
+    on the login node needs no torch)."""
+    text = name.upper()
+    text = text if text.startswith("SIG") else f"SIG{text}"
+    try:
+        return signal.Signals[text]
+    except KeyError:
+        raise ValueError(f"unknown signal {name!r}") from None
+
+
 def _record(signum, frame) -> None:
     SEEN.append(signum)
 

@@ -18,7 +18,7 @@ import submitit
 from hpcml import slurm
 from hpcml.config import TrainJobConfig, to_plain_dict, validate
 from hpcml.errors import SubmissionError
-from hpcml.trainer import RESULT_FILE
+from hpcml.outputs import RESULT_FILE
 
 JOB_FOLDER = "slurm"
 

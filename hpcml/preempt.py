@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from hpcml import early_signals
+from hpcml.early_signals import parse_signal  # noqa: F401  (part of this module's interface)
 
 
 class StopReason(enum.IntEnum):
@@ -35,15 +36,6 @@ EXIT_FAILED = 1
 EXIT_REQUEUED = 3  # stopped at a step boundary, checkpoint committed, job requeued: it resumes by itself
 EXIT_STOPPED = 4  # stopped and checkpointed, but not requeued (not under Slurm, or preempt.requeue=false)
 EXIT_REQUEUE_LIMIT = 5  # stopped and checkpointed, but preempt.max_requeues was reached: the job fails
-
-
-def parse_signal(name: str) -> signal.Signals:
-    text = name.upper()
-    text = text if text.startswith("SIG") else f"SIG{text}"
-    try:
-        return signal.Signals[text]
-    except KeyError:
-        raise ValueError(f"unknown signal {name!r}") from None
 
 
 class PreemptionGuard:

@@ -24,6 +24,7 @@ from hpcml.dist import DistributedContext, setup_distributed, teardown_distribut
 from hpcml.env import detect_environment
 from hpcml.errors import SubmissionError
 from hpcml.fileio import write_atomically
+from hpcml.outputs import JOB_RECORD
 from hpcml.preempt import (
     EXIT_FAILED,
     EXIT_OK,
@@ -37,9 +38,6 @@ from hpcml.preempt import (
     parse_signal,
 )
 from hpcml.trainer import Trainer
-
-# Written by rank 0 into the output directory at every start (read by hpcml.sweep).
-JOB_RECORD = "slurm_job.json"
 
 log = logging.getLogger("hpcml")
 

@@ -19,8 +19,7 @@ from hpcml.config import TrainJobConfig, to_plain_dict, validate
 from hpcml.errors import HpcmlError
 from hpcml.fileio import write_atomically
 from hpcml.metrics import METRICS_FILE
-from hpcml.runtime import JOB_RECORD
-from hpcml.trainer import RESULT_FILE
+from hpcml.outputs import JOB_RECORD, RESULT_FILE
 
 SWEEP_FILE = "sweep.json"
 TRIAL_CONFIG = "trial_config.json"

@@ -27,12 +27,11 @@ from hpcml.fileio import write_atomically
 from hpcml.gradsync import make_gradient_sync
 from hpcml.metrics import MetricsWriter
 from hpcml.models import build_mlp
+from hpcml.outputs import MODEL_FILE, RESULT_FILE
 from hpcml.preempt import BoundaryDecision, StopCoordinator, StopReason
 
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
-MODEL_FILE = "model.pt"
 # Until a save has been timed, the deadline check assumes one takes this long.
 INITIAL_SAVE_ESTIMATE_S = 5.0
 

@@ -22,8 +22,8 @@ from omegaconf import DictConfig
 
 from hpcml.config import register_configs, register_resolvers, validate
 from hpcml.errors import HpcmlError
+from hpcml.outputs import RESULT_FILE
 from hpcml.sweep import objective
-from hpcml.trainer import RESULT_FILE
 
 register_configs()
 register_resolvers()

@@ -23,6 +23,7 @@ BENCHMARKS = {
     "training": "hpcml.bench.training",
     "checkpoints": "hpcml.bench.checkpoints",
     "startup": "hpcml.bench.startup",
+    "submission": "hpcml.bench.submission",
 }
 
 
