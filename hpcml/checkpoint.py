@@ -85,6 +85,33 @@ def _cpu_copy(obj: Any) -> Any:
     return obj
 
 
+class StagingArea:
+    """CPU copies of the training state for asynchronous saves, kept from one save to the next.
+
+    Allocating a fresh copy of a large state every save costs page faults that take longer than the copy
+    itself (512 MB: about twice as long). The writer allows one write in flight and waits for it before
+    the next, so a buffer is never refilled while it is still being written.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def copy(self, obj: Any, path: tuple = ()) -> Any:
+        """A copy of `obj` whose tensors live in this area's buffers (same structure, same values)."""
+        if isinstance(obj, torch.Tensor):
+            source = obj.detach()
+            buffer = self._buffers.get(path)
+            if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype:
+                buffer = torch.empty(source.shape, dtype=source.dtype, pin_memory=source.is_cuda)
+                self._buffers[path] = buffer
+            return buffer.copy_(source)
+        if isinstance(obj, dict):
+            return {k: self.copy(v, (*path, k)) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.copy(v, (*path, i)) for i, v in enumerate(obj))
+        return obj
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Everything one checkpoint holds, already off the GPU and detached from live tensors."""
@@ -246,6 +273,7 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._staged = threading.Event()
         self._staged.set()
+        self._staging = StagingArea()
         self._error: BaseException | None = None
         self.last_write_s: float | None = None
         self.last_committed: Path | None = None
@@ -264,6 +292,12 @@ class CheckpointWriter:
             self._write(snap, stage=False)
             self._raise_if_failed()
 
+    def prepare(self, train_state: dict[str, Any]) -> None:
+        """Allocate (and fault in) the staging buffers now, at start-up: otherwise the first async save
+        pays for them while training waits (0.65 s for 512 MB here, against 0.08 s for the copy itself)."""
+        if self.asynchronous:
+            self._staging.copy(train_state)
+
     def wait_staged(self) -> None:
         """Block until the write in flight no longer reads live tensors (at once when none is)."""
         self._staged.wait()
@@ -273,7 +307,7 @@ class CheckpointWriter:
         try:
             if stage:
                 try:
-                    snap = dataclasses.replace(snap, train_state=_cpu_copy(snap.train_state))
+                    snap = dataclasses.replace(snap, train_state=self._staging.copy(snap.train_state))
                 finally:
                     self._staged.set()
             self.last_committed = write_checkpoint(self.directory, snap)

@@ -7,6 +7,7 @@ dataclasses, which runs every check, on the login node, before anything reaches 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -309,10 +310,17 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainJobConfig)
 
 
+@functools.lru_cache(maxsize=1)
+def _schema() -> DictConfig:
+    """The structured schema, built once: building it takes longer than a whole validation (sweeps validate
+    every trial). OmegaConf.merge copies its first argument, so the cached one is never changed."""
+    return OmegaConf.structured(TrainJobConfig)
+
+
 def validate(cfg: DictConfig | dict[str, Any]) -> TrainJobConfig:
     """Resolve and check a config; every problem comes back as one ConfigError naming the key."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(TrainJobConfig), cfg)
+        merged = OmegaConf.merge(_schema(), cfg)
         return OmegaConf.to_object(merged)  # builds the dataclasses, which runs every __post_init__
     except ConfigError:
         raise

@@ -42,7 +42,7 @@ def resolve_ddp_transport(requested: str, ctx: DistributedContext) -> str:
                 "train.ddp_transport=mpi reduces host memory, and this job's gradients are on GPUs, where NCCL is "
                 "the fast path; use train.ddp_transport=auto or torch."
             )
-    if requested == "auto" and (ctx.world_size == 1 or not ctx.uses_mpi or ctx.device.type != "cpu"):
+    if requested == transport.AUTO and (ctx.world_size == 1 or not ctx.uses_mpi or ctx.device.type != "cpu"):
         return transport.TORCH
     return requested
 
@@ -96,7 +96,7 @@ class DDPGradientSync:
         """Nothing to do: DDP's hooks reduced every bucket during backward."""
 
     def state_dict(self) -> dict:
-        plan = self.plan.as_state() if self.plan is not None and self.transport == "auto" else None
+        plan = self.plan.as_state() if self.plan is not None and self.transport == transport.AUTO else None
         return {"transport_plan": plan, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict | None) -> None:
@@ -105,7 +105,7 @@ class DDPGradientSync:
             state
             and state.get("transport_plan")
             and state["world_size"] == self.world_size
-            and self.transport == "auto"
+            and self.transport == transport.AUTO
         ):
             self.plan = TransportPlan.from_state(state["transport_plan"])
             self._chosen.clear()
@@ -126,7 +126,7 @@ class DDPGradientSync:
         with torch.no_grad():
             for name, b in inner.named_buffers():
                 b.copy_(buffers[name])
-        if self.transport == "auto" and self.plan is None:
+        if self.transport == transport.AUTO and self.plan is None:
             self.plan, timings = transport.probe(self.largest_bucket_bytes)
             log.info(
                 "all-reduce transport by bucket size (bytes): %s (probe: %s)",

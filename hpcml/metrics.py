@@ -17,6 +17,19 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every record of a metrics.jsonl, skipping a last line still being written; [] when there is none."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 class MetricsWriter:
     def __init__(self, output_dir: Path, enabled: bool, total_steps: int, first_step: int = 0):
         self.enabled = enabled

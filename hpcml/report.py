@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpcml.metrics import METRICS_FILE
+from hpcml.metrics import METRICS_FILE, read_metrics
 from hpcml.sweep import Sweep, SweepError, swept_overrides
 
 REPORT_DIR = "report"
@@ -29,18 +28,6 @@ class Report:
     files: list[Path]
 
 
-def _records(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
-
-
 def _param(override: str) -> tuple[str, str]:
     key, _, value = override.partition("=")
     return key, value
@@ -50,7 +37,7 @@ def collect(sweep: Sweep, metric: str) -> list[TrialSummary]:
     found, seen_metrics = [], set()
     shown = swept_overrides(sweep)
     for trial in sweep.trials:
-        records = _records(sweep.path / trial.dir / METRICS_FILE)
+        records = read_metrics(sweep.path / trial.dir / METRICS_FILE)
         for r in records:
             seen_metrics.update(k for k in r if k not in ("step", "time"))
         curve = [(r["step"], float(r[metric])) for r in records if isinstance(r.get(metric), (int, float))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
@@ -89,3 +90,34 @@ def requeue(job_id: str) -> None:
 def set_comment(job_id: str, text: str) -> None:
     """Record a reason where `sacct -o Comment` and `scontrol show job` show it."""
     _slurm(["scontrol", "update", f"JobId={job_id}", f"Comment={text}"])
+
+
+def max_array_size() -> int:
+    """Slurm's MaxArraySize (array indices run from 0 to this minus 1); Slurm's default when unset."""
+    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", _slurm(["scontrol", "show", "config"]), re.MULTILINE)
+    return int(match.group(1)) if match else 1001
+
+
+def _query(cmd: list[str]) -> str:
+    """stdout of a read-only query, empty when it fails: status must show what it can, not stop."""
+    if shutil.which(cmd[0]) is None:
+        return ""
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
+
+
+def array_task_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """Array task id (`<array>_<index>`) -> (state, elapsed): finished ones from sacct's last attempt,
+    live ones from squeue (which wins: sacct lags a running task)."""
+    if not job_ids:
+        return {}
+    arrays = ",".join(sorted({j.split("_")[0] for j in job_ids}))
+    states: dict[str, tuple[str, str]] = {}
+    for line in _query(["sacct", "-X", "-n", "-P", "-j", arrays, "-o", "JobID,State,Elapsed"]).splitlines():
+        parts = line.split("|")
+        if len(parts) == 3:
+            states[parts[0]] = (parts[1].split()[0], parts[2])
+    for line in _query(["squeue", "-h", "-r", "-j", arrays, "-o", "%i|%T|%M"]).splitlines():
+        parts = line.split("|")
+        if len(parts) == 3:
+            states[parts[0]] = (parts[1], parts[2])
+    return states

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from hpcml import launch, slurm
 from hpcml.config import TrainJobConfig, to_plain_dict, validate
 from hpcml.errors import HpcmlError
 from hpcml.fileio import write_atomically
-from hpcml.metrics import METRICS_FILE
+from hpcml.metrics import METRICS_FILE, read_metrics
 from hpcml.outputs import JOB_RECORD, RESULT_FILE
 
 SWEEP_FILE = "sweep.json"
@@ -98,12 +97,6 @@ def _resource_key(cfg: TrainJobConfig) -> str:
     return json.dumps(asdict(cfg.cluster), sort_keys=True) + json.dumps(asdict(cfg.preempt), sort_keys=True)
 
 
-def max_array_size() -> int:
-    text = slurm._slurm(["scontrol", "show", "config"])
-    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", text, re.MULTILINE)
-    return int(match.group(1)) if match else 1001
-
-
 def plan_arrays(configs: list[TrainJobConfig], limit: int) -> list[list[int]]:
     """Indices of `configs` grouped into arrays: one per resource shape, split below Slurm's MaxArraySize."""
     groups: dict[str, list[int]] = {}
@@ -128,7 +121,7 @@ def submit_trials(sweep: Sweep, trials: list[Trial], configs: list[TrainJobConfi
     folder = sweep.path / launch.JOB_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)  # submitit pickles live here, and loading a pickle runs code
-    arrays = plan_arrays(configs, max_array_size() if not dry_run else 1001)
+    arrays = plan_arrays(configs, slurm.max_array_size() if not dry_run else 1001)
     scripts = []
     for members in arrays:
         first = configs[members[0]]
@@ -164,44 +157,12 @@ class TrialStatus:
     error: str
 
 
-def _slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
-    """job id -> (state, elapsed): live ones from squeue, finished ones from sacct's last attempt."""
-    if not job_ids:
-        return {}
-    arrays = sorted({j.split("_")[0] for j in job_ids})
-    states: dict[str, tuple[str, str]] = {}
-    acct = subprocess.run(
-        ["sacct", "-X", "-n", "-P", "-j", ",".join(arrays), "-o", "JobID,State,Elapsed"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
-    for line in acct.splitlines():
-        parts = line.split("|")
-        if len(parts) == 3:
-            states[parts[0]] = (parts[1].split()[0], parts[2])
-    queue = subprocess.run(
-        ["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i|%T|%M"], capture_output=True, text=True, timeout=60
-    ).stdout
-    for line in queue.splitlines():
-        parts = line.split("|")
-        if len(parts) == 3:
-            states[parts[0]] = (parts[1], parts[2])
-    return states
-
-
 def _metrics(trial_dir: Path) -> tuple[int, float | None, float | None]:
     step, loss, accuracy = 0, None, None
-    path = trial_dir / METRICS_FILE
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line being written right now
-            step = max(step, record.get("step", 0))
-            loss = record.get("loss", loss)
-            accuracy = record.get("test_accuracy", accuracy)
+    for record in read_metrics(trial_dir / METRICS_FILE):
+        step = max(step, record.get("step", 0))
+        loss = record.get("loss", loss)
+        accuracy = record.get("test_accuracy", accuracy)
     return step, loss, accuracy
 
 
@@ -244,7 +205,7 @@ def swept_overrides(sweep: Sweep) -> dict[int, list[str]]:
 
 
 def sweep_status(sweep: Sweep) -> list[TrialStatus]:
-    states = _slurm_states([t.job_id for t in sweep.trials if t.job_id])
+    states = slurm.array_task_states([t.job_id for t in sweep.trials if t.job_id])
     shown = swept_overrides(sweep)
     rows = []
     for trial in sweep.trials:

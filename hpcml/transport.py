@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 TORCH = "torch"
 MPI = "mpi"
+AUTO = "auto"  # train.ddp_transport: probe both, per bucket size
 # Probe sizes: a ladder by factors of 4, from here up to the largest bucket.
 SMALLEST_PROBE_BYTES = 64 << 10
 PROBE_BUDGET_S = 0.02

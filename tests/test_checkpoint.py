@@ -129,7 +129,7 @@ def test_a_staged_async_save_holds_the_state_of_its_step_not_a_later_one(tmp_pat
         time.sleep(0.3)  # a big state on a slow node: the trainer reaches its next update meanwhile
         return real_copy(obj)
 
-    monkeypatch.setattr(ckpt, "_cpu_copy", slow_copy)
+    monkeypatch.setattr(ckpt.StagingArea, "copy", lambda self, obj: slow_copy(obj))
     live = {"model": {"w": torch.zeros(3)}}
     writer = ckpt.CheckpointWriter(tmp_path, keep_last=10, asynchronous=True)
     writer.submit(ckpt.snapshot(1, 1, 1, 1, live, [ckpt.capture_rng_state()], copy=False), stage=True)
@@ -140,6 +140,19 @@ def test_a_staged_async_save_holds_the_state_of_its_step_not_a_later_one(tmp_pat
     path = tmp_path / "step-1"
     state = ckpt.load_checkpoint(path, ckpt.verify_checkpoint(path), 0, torch.device("cpu")).train_state
     assert torch.equal(state["model"]["w"], torch.zeros(3))
+
+
+def test_staging_reuses_its_buffers_and_copies_values_not_references():
+    area = ckpt.StagingArea()
+    live = {"model": {"w": torch.arange(4.0)}, "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}, "lr": [0.1]}}
+    first = area.copy(live)
+    live["model"]["w"] += 10
+    assert torch.equal(first["model"]["w"], torch.arange(4.0)) and first["optimizer"]["lr"] == [0.1]
+    second = area.copy(live)
+    assert second["model"]["w"].data_ptr() == first["model"]["w"].data_ptr()  # no new allocation
+    assert torch.equal(second["model"]["w"], torch.arange(4.0) + 10)
+    live["model"]["w"] = torch.zeros(7)  # a changed shape gets a buffer of its own
+    assert area.copy(live)["model"]["w"].shape == (7,)
 
 
 def test_a_failed_background_write_surfaces_on_the_training_thread(tmp_path, monkeypatch):

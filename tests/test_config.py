@@ -95,3 +95,12 @@ def test_values_that_reach_the_batch_script_cannot_carry_shell(cluster, fragment
 
 def test_ordinary_site_values_pass():
     ClusterConfig(partition="gpu-a100", account="proj_123", qos="normal", constraint="a100&ib|h100")
+
+
+def test_validation_reuses_its_schema_without_carrying_values_over():
+    """validate() caches the structured schema (sweeps validate every trial); one config must not leak
+    into the next."""
+    from hpcml.config import TrainJobConfig, validate
+
+    assert validate({"optim": {"lr": 0.5}, "cluster": {"env": {"X": "1"}}}).optim.lr == 0.5
+    assert validate({}) == TrainJobConfig()

@@ -76,8 +76,8 @@ def test_status_table_and_rerun_rule(tmp_path, monkeypatch):
     sweep = make_sweep(tmp_path, {0: 0.9, 1: None, 2: None})
     (tmp_path / "0" / "result.json").write_text("{}")
     monkeypatch.setattr(
-        sw,
-        "_slurm_states",
+        sw.slurm,
+        "array_task_states",
         lambda ids: {"90_0": ("COMPLETED", "00:01:00"), "90_1": ("FAILED", "00:00:09"), "90_2": ("RUNNING", "0:30")},
     )
     rows = sw.sweep_status(sweep)
@@ -163,3 +163,19 @@ def test_optuna_gets_each_trials_objective(tmp_path):
     best = float(re.search(r"Best value: ([\d.]+)", done.stdout + done.stderr).group(1))
     accuracies = [json.loads((tmp_path / str(n) / "result.json").read_text())["test_accuracy"] for n in range(3)]
     assert best == pytest.approx(max(accuracies))
+
+
+def test_array_task_states_take_live_state_from_squeue_over_sacct(monkeypatch):
+    from hpcml import slurm
+
+    answers = {
+        "sacct": "90_0|COMPLETED|00:01:00\n90_1|CANCELLED by 0|00:00:03\n90_2|PENDING|00:00:00\n",
+        "squeue": "90_2|RUNNING|0:30\n",
+    }
+    monkeypatch.setattr(slurm, "_query", lambda cmd: answers[cmd[0]])
+    assert slurm.array_task_states(["90_0", "90_1", "90_2"]) == {
+        "90_0": ("COMPLETED", "00:01:00"),
+        "90_1": ("CANCELLED", "00:00:03"),
+        "90_2": ("RUNNING", "0:30"),
+    }
+    assert slurm.array_task_states([]) == {}

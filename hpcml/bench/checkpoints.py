@@ -5,14 +5,16 @@ In one process, in the same directory and with the same byte count:
   dropped from the page cache (posix_fadvise DONTNEED, no root needed), so it comes from the disk;
 - hpcml save: `write_checkpoint` of a real training state (MLP + Adam): serialise, checksum, fsync,
   manifest, rename; hpcml load: verify the manifest's hashes and load, with the cache dropped first;
-- the training stall of a save: a training loop of that model saving every few steps, against the
-  same loop without saves; the extra time per save, with `async_save` (a thread copies the state while
-  the next forward/backward runs, then writes it, competing with training for the cores) and without.
+- the training stall of a save: in a training loop of that model saving every few steps, the time the
+  training thread is blocked per save, with `async_save` (a thread copies the state while the next
+  forward/backward runs, then writes it) and without; and the slowdown per save against the same loop
+  without saves, which adds the writer thread's contention for cores and memory bandwidth.
 Each is the best of a few repeats, alternating, so drift hits all alike.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -105,18 +107,32 @@ def hpcml_load(path: Path) -> float:
     return time.perf_counter() - started
 
 
-def training_stall(directory: Path, loop: TrainingLoop, asynchronous: bool | None, saves: int, gap: int) -> float:
-    """Seconds of `saves * gap` training steps with a save every `gap` steps (none when asynchronous
-    is None). The loop ends at its last step: an async write still running then is not training time."""
+def training_loop(directory: Path, loop: TrainingLoop, asynchronous: bool | None, saves: int, gap: int):
+    """`saves * gap` training steps with a save every `gap` steps (none when asynchronous is None).
+
+    Returns (loop seconds, seconds the training thread was blocked by saves). The loop ends at its last
+    step: an async write still running then is not training time.
+    """
     writer = ckpt.CheckpointWriter(directory, keep_last=1, asynchronous=bool(asynchronous))
+    writer.prepare(loop.state())  # as Trainer.fit() does before its first step
+    blocked = 0.0
+
+    def wait_staged() -> None:
+        nonlocal blocked
+        started = time.perf_counter()
+        writer.wait_staged()
+        blocked += time.perf_counter() - started
+
     started = time.perf_counter()
     for step in range(1, saves * gap + 1):
-        loop.step(before_update=writer.wait_staged)
+        loop.step(before_update=wait_staged)
         if asynchronous is not None and step % gap == 0:
+            submitted = time.perf_counter()
             writer.submit(_snapshot(loop.state(), step, copy=False), stage=bool(asynchronous))
+            blocked += time.perf_counter() - submitted
     elapsed = time.perf_counter() - started
     writer.wait()
-    return elapsed
+    return elapsed, blocked
 
 
 def measure(workdir: Path, target_bytes: int, repeats: int) -> dict:
@@ -139,7 +155,10 @@ def measure(workdir: Path, target_bytes: int, repeats: int) -> dict:
         for _ in range(5):
             loop.step()
         step_s = (time.perf_counter() - started) / 5
-        gap, saves = max(2, round(3 * sizing / step_s)), 3
+        # Space the saves so that an async write (as slow as a sync one, or slower: it shares the cores)
+        # can finish before the next: a save that waits for the previous one measures the disk, not the stall.
+        _, write_s = training_loop(scratch / "sizing-loop", loop, False, saves=1, gap=1)
+        gap, saves = max(2, math.ceil(3 * max(sizing, write_s) / step_s)), 3
         best = {k: float("inf") for k in ("disk_write", "disk_read", "save", "load", "no_save", "sync", "async")}
         for i in range(repeats):
             raw = scratch / "raw.bin"
@@ -150,9 +169,13 @@ def measure(workdir: Path, target_bytes: int, repeats: int) -> dict:
             best["save"] = min(best["save"], seconds)
             best["load"] = min(best["load"], hpcml_load(path))
             for mode, asynchronous in (("no_save", None), ("sync", False), ("async", True)):
-                seconds = training_stall(scratch / mode, loop, asynchronous, saves, gap)
+                seconds, blocked = training_loop(scratch / mode, loop, asynchronous, saves, gap)
                 best[mode] = min(best[mode], seconds)
-        stalls = {f"{mode}_stall_s": max(0.0, best.pop(mode) - best["no_save"]) / saves for mode in ("sync", "async")}
+                best[f"{mode}_blocked"] = min(best.get(f"{mode}_blocked", float("inf")), blocked)
+        stalls = {f"{mode}_stall_s": best.pop(f"{mode}_blocked") / saves for mode in ("sync", "async")}
+        best.pop("no_save_blocked")
+        # The whole cost to training, contention with the writer thread for cores and memory included.
+        slowdowns = {f"{m}_slowdown_s": max(0.0, best.pop(m) - best["no_save"]) / saves for m in ("sync", "async")}
         return {
             "bytes": nbytes,
             "repeats": repeats,
@@ -161,6 +184,7 @@ def measure(workdir: Path, target_bytes: int, repeats: int) -> dict:
             "gap_steps": gap,
             **{f"{k}_s": v for k, v in best.items()},
             **stalls,
+            **slowdowns,
         }
     finally:
         torch.set_num_threads(threads)
@@ -172,6 +196,10 @@ def run(quick: bool, workdir: Path) -> BenchResult:
     result = BenchResult("checkpoints", quick, {"state_bytes_target": target, "repeats": repeats})
     m = measure(workdir, target, repeats)
     result.measurements.append(m)
+    result.notes.append(
+        f"slowdown per save (stall plus the writer thread's contention for cores and memory bandwidth): "
+        f"async {m['async_slowdown_s']:.3f} s, sync {m['sync_slowdown_s']:.3f} s"
+    )
     gb = m["bytes"] / 1e9
     size = f"{m['bytes'] / MB:.0f} MB state"
     result.figures += [
