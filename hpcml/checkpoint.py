@@ -89,7 +89,7 @@ class StagingArea:
     """CPU copies of the training state for asynchronous saves, kept from one save to the next.
 
     Allocating a fresh copy of a large state every save costs page faults that take longer than the copy
-    itself (512 MB: about twice as long). The writer allows one write in flight and waits for it before
+    itself (512 MB here: 0.65 s against 0.08 s). The writer allows one write in flight and waits for it before
     the next, so a buffer is never refilled while it is still being written.
     """
 
@@ -114,7 +114,8 @@ class StagingArea:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Everything one checkpoint holds, already off the GPU and detached from live tensors."""
+    """Everything one checkpoint holds. Detached from live tensors (`snapshot(copy=True)`), or live until
+    an asynchronous writer has staged it (`CheckpointWriter.submit(stage=True)`)."""
 
     step: int
     samples_consumed: int
