@@ -74,17 +74,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _cpu_copy(obj: Any) -> Any:
-    """A deep copy with every tensor on the CPU: the snapshot an asynchronous save writes from."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_copy(v) for v in obj)
-    return obj
-
-
 class StagingArea:
     """CPU copies of the training state for asynchronous saves, kept from one save to the next.
 
@@ -347,5 +336,5 @@ def snapshot(
     copy: bool,
 ) -> Snapshot:
     """`copy=True` detaches the snapshot from live tensors, as an asynchronous write needs."""
-    state = _cpu_copy(train_state) if copy else train_state
+    state = StagingArea().copy(train_state) if copy else train_state
     return Snapshot(step, samples_consumed, global_batch_size, world_size, state, rng_states)

@@ -295,7 +295,7 @@ class Trainer:
         if self.step < cfg.steps:
             x, y = self._batch(self.step)
             self.sync.settle(lambda module: F.cross_entropy(module(x), y))
-            if self.writer is not None:
+            if self.writer is not None and self.writer.asynchronous:
                 self.writer.prepare(self.train_state())
         metrics = MetricsWriter(self.output_dir, self.ctx.is_main, cfg.steps, self.step)
         start = window_start = time.perf_counter()

@@ -121,15 +121,16 @@ def test_async_writer_snapshots_and_never_runs_two_writes_at_once(tmp_path, monk
 
 def test_a_staged_async_save_holds_the_state_of_its_step_not_a_later_one(tmp_path, monkeypatch):
     """The writer copies live tensors on its own thread; wait_staged() is what keeps the next update out."""
-    real_copy = ckpt._cpu_copy
+    real_copy = ckpt.StagingArea.copy
     copying = threading.Event()
 
-    def slow_copy(obj):
-        copying.set()
-        time.sleep(0.3)  # a big state on a slow node: the trainer reaches its next update meanwhile
-        return real_copy(obj)
+    def slow_copy(self, obj, path=()):
+        if not path:  # once, before the whole copy (the copy recurses through this method)
+            copying.set()
+            time.sleep(0.3)  # a big state on a slow node: the trainer reaches its next update meanwhile
+        return real_copy(self, obj, path)
 
-    monkeypatch.setattr(ckpt.StagingArea, "copy", lambda self, obj: slow_copy(obj))
+    monkeypatch.setattr(ckpt.StagingArea, "copy", slow_copy)
     live = {"model": {"w": torch.zeros(3)}}
     writer = ckpt.CheckpointWriter(tmp_path, keep_last=10, asynchronous=True)
     writer.submit(ckpt.snapshot(1, 1, 1, 1, live, [ckpt.capture_rng_state()], copy=False), stage=True)
