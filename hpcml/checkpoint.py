@@ -101,6 +101,16 @@ class StagingArea:
         return obj
 
 
+def holds_gpu_tensors(obj: Any) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return obj.device.type != "cpu"
+    if isinstance(obj, dict):
+        return any(holds_gpu_tensors(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(holds_gpu_tensors(v) for v in obj)
+    return False
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Everything one checkpoint holds. Detached from live tensors (`snapshot(copy=True)`), or live until
@@ -198,8 +208,9 @@ def prune_checkpoints(directory: Path, keep_last: int) -> None:
 # ---------------------------------------------------------------- verifying and loading
 
 
-def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """The manifest of `path` if every file matches it; CheckpointCorruptError saying what does not."""
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of `path` if it is readable and every file it names is there at its size (no hashing):
+    after this, mapping the files cannot run past their ends."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointCorruptError(f"{path.name}: no {MANIFEST} (the save never committed)")
@@ -219,21 +230,56 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
             raise CheckpointCorruptError(
                 f"{path.name}: {name} has {file.stat().st_size} bytes, the manifest says {expected['bytes']} (truncated?)"
             )
-        algorithm = next((a for a in CHECKSUMS if a in expected), None)
-        if algorithm is None:
+        if not any(a in expected for a in CHECKSUMS):
             raise CheckpointCorruptError(
                 f"{path.name}: {name} has no checksum this hpcml knows ({', '.join(CHECKSUMS)})"
             )
-        if digest_of(file, algorithm) != expected[algorithm]:
+    return manifest
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """The manifest of `path` if every file matches it; CheckpointCorruptError saying what does not."""
+    manifest = read_manifest(path)
+    for name, expected in manifest["files"].items():
+        algorithm = next(a for a in CHECKSUMS if a in expected)
+        if digest_of(path / name, algorithm) != expected[algorithm]:
             raise CheckpointCorruptError(f"{path.name}: {name} fails its {algorithm} checksum (corrupted)")
     return manifest
 
 
-def find_latest_verified(directory: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that verifies; corrupt ones are skipped with a log line saying why."""
+def verify_and_load(path: Path, rank: int, device: torch.device) -> LoadedCheckpoint:
+    """`verify_checkpoint` and `load_checkpoint` at once: a thread hashes the files while this one loads
+    them, so the disk is read once at its own pace and the copy to the device overlaps it (1 GB onto an
+    H100: 0.83 s one after the other). What was loaded is returned only if every file verifies."""
+    manifest = read_manifest(path)  # sizes first: the load maps the files
+    outcome: dict[str, BaseException] = {}
+
+    def verify() -> None:
+        try:
+            verify_checkpoint(path)
+        except BaseException as err:
+            outcome["error"] = err
+
+    verifier = threading.Thread(target=verify, name="hpcml-verify", daemon=True)
+    verifier.start()
+    try:
+        loaded = load_checkpoint(path, manifest, rank, device)
+    except Exception as load_error:
+        verifier.join()
+        if "error" in outcome:  # a corrupt file can fail to unpickle before its hash is done: say which
+            raise outcome["error"] from load_error
+        raise
+    verifier.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return loaded
+
+
+def load_latest_verified(directory: Path, rank: int, device: torch.device) -> LoadedCheckpoint | None:
+    """The newest checkpoint that verifies, loaded; corrupt ones are skipped with a log line saying why."""
     for path in list_checkpoints(directory):
         try:
-            return path, verify_checkpoint(path)
+            return verify_and_load(path, rank, device)
         except CheckpointCorruptError as err:
             log.warning("skipping checkpoint %s; falling back to an older one", err)
     return None
@@ -279,13 +325,15 @@ class CheckpointWriter:
             )
             self._thread.start()
         else:
-            self._write(snap, stage=False)
+            # GPU state goes through the pinned staging buffers here too: torch.save would otherwise copy
+            # every tensor into freshly allocated pageable memory (2.3x slower for 1 GB on an H100 node).
+            self._write(snap, stage=holds_gpu_tensors(snap.train_state))
             self._raise_if_failed()
 
     def prepare(self, train_state: dict[str, Any]) -> None:
-        """Allocate (and fault in) the staging buffers now, at start-up: otherwise the first async save
-        pays for them while training waits (0.65 s for 512 MB here, against 0.08 s for the copy itself)."""
-        if self.asynchronous:
+        """Allocate (and fault in) the staging buffers now, at start-up: otherwise the first save that
+        stages pays for them while training waits (0.65 s for 512 MB here, against 0.08 s for the copy)."""
+        if self.asynchronous or holds_gpu_tensors(train_state):
             self._staging.copy(train_state)
 
     def wait_staged(self) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,13 @@ import torch
 from hpcml.config import DataConfig
 from hpcml.errors import ConfigError, DataError
 
+log = logging.getLogger(__name__)
+
+# The whole dataset moves to the GPU when it takes at most this share of the device's free memory: each
+# step then gathers its batch on the device, instead of on the host followed by a copy from pageable
+# memory, which the GPU waits for.
+DEVICE_DATA_SHARE = 0.25
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -25,6 +33,13 @@ class Dataset:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
 
     @property
     def input_dim(self) -> int:
@@ -130,3 +145,18 @@ class GlobalBatchStream:
     def samples_consumed(self, step: int) -> int:
         """The data position as a count of global samples, independent of the world size."""
         return step * self.global_batch_size
+
+
+def on_device(data: Dataset, device: torch.device) -> Dataset:
+    """`data` on the GPU `device` when it fits comfortably (DEVICE_DATA_SHARE), else unchanged."""
+    if device.type != "cuda":
+        return data
+    free, _ = torch.cuda.mem_get_info(device)
+    if data.nbytes > DEVICE_DATA_SHARE * free:
+        log.info(
+            "the dataset (%.0f MB) stays in host memory: it would take more than %.0f%% of the GPU's free memory",
+            data.nbytes / 2**20,
+            100 * DEVICE_DATA_SHARE,
+        )
+        return data
+    return Dataset(*(t.to(device) for t in data.tensors()))

@@ -161,11 +161,45 @@ def setup_distributed(env: LauncherEnvironment, requested_backend: str, timeout_
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=timeout_s)
     store = make_store(env, placement, timeout)
+    if backend == "nccl":
+        refuse_shared_gpu(store, placement, env.node_name(), device)
     kwargs = {"device_id": device} if backend == "nccl" else {}
     dist.init_process_group(
         backend, store=store, rank=placement.rank, world_size=placement.world_size, timeout=timeout, **kwargs
     )
     return DistributedContext(placement, backend, device, env.name, env.uses_mpi)
+
+
+def gpu_sharing_ranks(store: dist.Store, placement: ProcessPlacement, node: str, gpu_id: str) -> list[int]:
+    """The global ranks on this node whose GPU is `gpu_id` (this rank's), via the rendezvous store.
+
+    Each rank publishes its GPU's UUID under its node and local rank, then reads its node's peers: a few
+    store round trips per rank, only on nodes with more than one rank.
+    """
+    key = "hpcml/gpu/{}/{}".format
+    store.set(key(node, placement.local_rank), f"{placement.rank} {gpu_id}")
+    sharing = []
+    for local_rank in range(placement.local_world_size):
+        rank, peer_gpu = store.get(key(node, local_rank)).decode().split(" ", 1)
+        if peer_gpu == gpu_id:
+            sharing.append(int(rank))
+    return sorted(sharing)
+
+
+def refuse_shared_gpu(store: dist.Store, placement: ProcessPlacement, node: str, device: torch.device) -> None:
+    """NCCL refuses two ranks on one GPU with "Duplicate GPU detected", which names neither the cause (more
+    ranks on a node than GPUs, or every task given the same GPU) nor the fix; say both before it does."""
+    if placement.local_world_size < 2:
+        return
+    gpu = torch.cuda.get_device_properties(device)
+    sharing = gpu_sharing_ranks(store, placement, node, str(gpu.uuid))
+    if len(sharing) > 1:
+        raise ConfigError(
+            f"ranks {', '.join(map(str, sharing))} on node {node} would all use GPU {gpu.uuid} ({gpu.name}), and "
+            f"NCCL needs a GPU of its own for every rank: start one rank per GPU on each node (e.g. srun "
+            f"--ntasks-per-node=<GPUs per node> --gpus-per-task=1, or mpirun -np <GPUs>), or train on CPUs with "
+            f"train.backend=gloo."
+        )
 
 
 def teardown_distributed() -> None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from hpcml import checkpoint as ckpt
 from hpcml import slurm
 from hpcml.config import TrainJobConfig
-from hpcml.data import GlobalBatchStream, load_dataset
+from hpcml.data import GlobalBatchStream, load_dataset, on_device
 from hpcml.dist import DistributedContext
 from hpcml.errors import ConfigError
 from hpcml.fileio import write_atomically
@@ -98,7 +98,7 @@ class Trainer:
         self.checkpoint_dir = (
             Path(cfg.checkpoint.dir).resolve() if cfg.checkpoint.dir else self.output_dir / "checkpoints"
         )
-        self.data = load_dataset(cfg.data)
+        self.data = on_device(load_dataset(cfg.data), ctx.device)
         self.stream = GlobalBatchStream(len(self.data.x_train), cfg.train.global_batch_size, cfg.train.seed)
         # Same seed on every rank: identical initial weights even before DDP's broadcast.
         torch.manual_seed(cfg.train.seed)
@@ -145,30 +145,33 @@ class Trainer:
             "grad_sync": self.sync.state_dict(),
         }
 
-    def _choose_checkpoint(self) -> tuple[str, dict[str, Any]] | None:
-        """Rank 0 picks and verifies; everyone gets the same answer."""
-        choice = None
+    def _choose_checkpoint(self) -> ckpt.LoadedCheckpoint | None:
+        """Rank 0 picks, verifies and loads; every rank learns which checkpoint (and loads it too)."""
+        mine, choice = None, None
         if self.ctx.is_main:
             mode = self.cfg.checkpoint.resume
             if mode == "auto":
-                found = ckpt.find_latest_verified(self.checkpoint_dir)
-                choice = (str(found[0]), found[1]) if found else None
+                mine = ckpt.load_latest_verified(self.checkpoint_dir, self.ctx.rank, self.ctx.device)
             elif mode != "none":
-                choice = (mode, ckpt.verify_checkpoint(Path(mode)))
-        return self._agreed(choice)
+                mine = ckpt.verify_and_load(Path(mode), self.ctx.rank, self.ctx.device)
+            choice = (str(mine.path), mine.manifest) if mine else None
+        choice = self._agreed(choice)
+        if mine is not None or choice is None:
+            return mine
+        # Rank 0 verified it; the others only load.
+        return ckpt.load_checkpoint(Path(choice[0]), choice[1], self.ctx.rank, self.ctx.device)
 
     def resume(self) -> None:
-        choice = self._choose_checkpoint()
-        if choice is None:
+        loaded = self._choose_checkpoint()
+        if loaded is None:
             return
-        path, manifest = Path(choice[0]), choice[1]
+        path, manifest = loaded.path, loaded.manifest
         batch = self.cfg.train.global_batch_size
         if manifest["global_batch_size"] != batch:
             raise ConfigError(
                 f"{path} was written with train.global_batch_size={manifest['global_batch_size']}, this run uses "
                 f"{batch}; an exact resume needs the same global batch. Set it back, or checkpoint.resume=none."
             )
-        loaded = ckpt.load_checkpoint(path, manifest, self.ctx.rank, self.ctx.device)
         state = loaded.train_state
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -239,6 +242,7 @@ class Trainer:
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.from_numpy(self.stream.rank_batch(step, self.ctx.rank, self.ctx.world_size))
+        idx = idx.to(self.data.x_train.device, non_blocking=True)  # no-op for host data
         x = self.data.x_train[idx].to(self.ctx.device, non_blocking=True)
         y = self.data.y_train[idx].to(self.ctx.device, non_blocking=True)
         return x, y
@@ -286,7 +290,7 @@ class Trainer:
         self.model.eval()
         logits = self.model(self.data.x_test.to(self.ctx.device))
         self.model.train()
-        return float((logits.argmax(dim=1).cpu() == self.data.y_test).float().mean())
+        return float((logits.argmax(dim=1) == self.data.y_test.to(logits.device)).float().mean())
 
     def fit(self) -> TrainingOutcome:
         cfg = self.cfg.train
@@ -295,7 +299,7 @@ class Trainer:
         if self.step < cfg.steps:
             x, y = self._batch(self.step)
             self.sync.settle(lambda module: F.cross_entropy(module(x), y))
-            if self.writer is not None and self.writer.asynchronous:
+            if self.writer is not None:
                 self.writer.prepare(self.train_state())
         metrics = MetricsWriter(self.output_dir, self.ctx.is_main, cfg.steps, self.step)
         start = window_start = time.perf_counter()

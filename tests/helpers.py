@@ -26,7 +26,13 @@ def mpi_env() -> dict[str, str]:
 
 
 def run_train(args: list[str], ranks: int = 1, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """`python jobs/train.py ARGS`, under `mpirun -np RANKS` when RANKS > 1."""
+    """`python jobs/train.py ARGS`, under `mpirun -np RANKS` when RANKS > 1.
+
+    On CPUs unless ARGS name a backend: these tests compare runs bitwise, and on a GPU machine several
+    ranks would otherwise share its GPU (tests/test_gpu.py covers the GPU path).
+    """
+    if not any(a.startswith("train.backend=") for a in args):
+        args = [*args, "train.backend=gloo"]
     cmd = [PYTHON, TRAIN, *args]
     if ranks > 1:
         cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(ranks), *cmd]

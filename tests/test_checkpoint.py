@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from hpcml import checkpoint as ckpt
+from hpcml.fileio import CHECKSUMS, digest_of
+
+CPU = torch.device("cpu")
 
 
 def snap(step: int, value: float = 1.0, ranks: int = 2) -> ckpt.Snapshot:
@@ -41,7 +44,7 @@ def test_rng_state_round_trips_exactly():
 def test_newest_verified_wins_and_corruption_falls_back(tmp_path, caplog):
     for step in (10, 20, 30):
         ckpt.write_checkpoint(tmp_path, snap(step))
-    assert ckpt.find_latest_verified(tmp_path)[0].name == "step-30"
+    assert ckpt.load_latest_verified(tmp_path, 0, CPU).path.name == "step-30"
     # Bit flip in the newest, truncation in the next: both skipped, with the reason logged.
     state = tmp_path / "step-30" / "train_state.pt"
     data = bytearray(state.read_bytes())
@@ -50,8 +53,8 @@ def test_newest_verified_wins_and_corruption_falls_back(tmp_path, caplog):
     rng = tmp_path / "step-20" / "rng-rank1.pt"
     rng.write_bytes(rng.read_bytes()[:-7])
     with caplog.at_level("WARNING"):
-        path, manifest = ckpt.find_latest_verified(tmp_path)
-    assert path.name == "step-10" and manifest["step"] == 10
+        loaded = ckpt.load_latest_verified(tmp_path, 0, CPU)
+    assert loaded.path.name == "step-10" and loaded.manifest["step"] == 10 and loaded.step == 10
     assert "step-30: train_state.pt fails its xxh3_128 checksum" in caplog.text
     assert "step-20: rng-rank1.pt has" in caplog.text and "(truncated?)" in caplog.text
 
@@ -62,7 +65,7 @@ def test_folder_without_manifest_or_with_a_bad_one_is_never_trusted(tmp_path):
     (tmp_path / "step-9" / "train_state.pt").write_bytes(b"x")
     (tmp_path / "step-8").mkdir()
     (tmp_path / "step-8" / "manifest.json").write_text("{not json")
-    assert ckpt.find_latest_verified(tmp_path)[0].name == "step-5"
+    assert ckpt.load_latest_verified(tmp_path, 0, CPU).path.name == "step-5"
     with pytest.raises(ckpt.CheckpointCorruptError, match="no manifest.json"):
         ckpt.verify_checkpoint(tmp_path / "step-9")
     with pytest.raises(ckpt.CheckpointCorruptError, match="unreadable manifest.json"):
@@ -189,3 +192,43 @@ def test_checkpoints_with_sha256_manifests_still_load_and_unknown_checksums_do_n
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ckpt.CheckpointCorruptError, match="no checksum this hpcml knows"):
         ckpt.verify_checkpoint(path)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096 + 17])
+def test_overlapped_digest_equals_one_pass_hashes(tmp_path, size):
+    # Chunks of 4 KB: the reader thread fills one buffer while the other is hashed, across chunk edges.
+    data = bytes((i * 7919) % 251 for i in range(size))
+    (tmp_path / "f").write_bytes(data)
+    for algorithm, new in CHECKSUMS.items():
+        expected = new()
+        expected.update(data)
+        assert digest_of(tmp_path / "f", algorithm, chunk=4096) == expected.hexdigest()
+
+
+def test_digest_of_a_missing_file_raises_and_leaves_no_thread(tmp_path):
+    before = threading.active_count()
+    with pytest.raises(FileNotFoundError):
+        digest_of(tmp_path / "nope", "xxh3_128")
+    assert threading.active_count() == before
+
+
+def test_verify_and_load_returns_nothing_from_a_corrupt_checkpoint(tmp_path):
+    path = ckpt.write_checkpoint(tmp_path, snap(4, 2.0))
+    loaded = ckpt.verify_and_load(path, 0, CPU)
+    assert torch.equal(loaded.train_state["model"]["w"], torch.full((4, 4), 2.0)) and loaded.step == 4
+    # A flipped bit inside the tensor data loads fine; only the concurrent checksum can catch it.
+    state = path / ckpt.STATE_FILE
+    data = bytearray(state.read_bytes())
+    data[data.index(torch.full((4, 4), 2.0).numpy().tobytes())] ^= 0x01
+    state.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointCorruptError, match="train_state.pt fails its xxh3_128 checksum"):
+        ckpt.verify_and_load(path, 0, CPU)
+    # Garbage that cannot even be unpickled is reported as the corruption it is, not as a load error.
+    state.write_bytes(b"\0" * len(data))
+    with pytest.raises(ckpt.CheckpointCorruptError, match="fails its xxh3_128 checksum"):
+        ckpt.verify_and_load(path, 0, CPU)
+
+
+def test_only_states_with_gpu_tensors_are_staged_by_a_synchronous_writer():
+    assert not ckpt.holds_gpu_tensors({"model": {"w": torch.zeros(2)}, "opt": [torch.zeros(1), 3], "x": None})
+    assert ckpt.holds_gpu_tensors({"a": [{"b": torch.zeros(1, device="meta")}]})

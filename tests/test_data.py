@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
+import torch
 
 from hpcml.config import DataConfig
-from hpcml.data import GlobalBatchStream, load_dataset
+from hpcml.data import GlobalBatchStream, load_dataset, on_device
 from hpcml.errors import ConfigError, DataError
 
 
@@ -76,3 +77,9 @@ def test_digits_read_from_the_csv_equal_scikit_learns_loader():
     np.testing.assert_array_equal(x, bunch.data.astype(np.float32) / 16.0)
     np.testing.assert_array_equal(y, bunch.target)
     assert x.dtype == np.float32 and y.dtype == np.int64
+
+
+def test_data_stays_where_it_is_for_cpu_training():
+    data = load_dataset(DataConfig(name="synthetic", num_samples=64, input_dim=8))
+    assert on_device(data, torch.device("cpu")) is data
+    assert data.nbytes == sum(t.numel() * t.element_size() for t in data.tensors()) > 0

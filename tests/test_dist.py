@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hpcml.dist import make_store, select_backend, select_device
+from hpcml.dist import gpu_sharing_ranks, make_store, select_backend, select_device
 from hpcml.env import ProcessPlacement, SingleProcessEnvironment, TorchrunEnvironment
 from hpcml.errors import ConfigError, RendezvousError
 
@@ -57,3 +57,14 @@ def test_no_mpi_and_no_master_addr_is_explained(monkeypatch):
     env = TorchrunEnvironment({"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "WORLD_SIZE": "2"})
     with pytest.raises(RendezvousError, match="export MASTER_ADDR and MASTER_PORT"):
         make_store(env, ProcessPlacement(0, 2, 0, 1, 0, 2), TIMEOUT)
+
+
+def test_ranks_that_share_a_gpu_are_found_through_the_store():
+    store = dist.HashStore()
+    # Node a: local ranks 0 and 2 (global 4 and 6) were given the same GPU; local rank 1 has its own.
+    store.set("hpcml/gpu/a/1", "5 GPU-bbb")
+    store.set("hpcml/gpu/a/2", "6 GPU-aaa")
+    store.set("hpcml/gpu/b/0", "0 GPU-aaa")  # another node's GPU with the same id is another GPU's problem
+    placement = ProcessPlacement(4, 8, 0, 3, 1, 2)
+    assert gpu_sharing_ranks(store, placement, "a", "GPU-aaa") == [4, 6]
+    assert gpu_sharing_ranks(store, ProcessPlacement(5, 8, 1, 3, 1, 2), "a", "GPU-bbb") == [5]

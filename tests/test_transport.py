@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from hpcml.config import TrainConfig
 from hpcml.dist import DistributedContext
 from hpcml.env import ProcessPlacement
 from hpcml.errors import ConfigError
-from hpcml.gradsync import resolve_ddp_transport
+from hpcml.gradsync import NoGradientSync, make_gradient_sync, resolve_ddp_transport
 from hpcml.transport import MPI, SMALLEST_PROBE_BYTES, TORCH, TransportPlan, probe_sizes
 
 MB = 1 << 20
@@ -52,3 +53,12 @@ def test_mpi_transport_without_mpi_or_on_gpus_is_refused_with_a_fix():
         resolve_ddp_transport("mpi", ctx(uses_mpi=False, launcher="torchrun"))
     with pytest.raises(ConfigError, match="GPUs, where NCCL is the fast path"):
         resolve_ddp_transport("mpi", ctx(device="meta"))
+
+
+def test_one_rank_alone_gets_no_ddp_and_no_probe():
+    model = torch.nn.Linear(3, 2)
+    sync = make_gradient_sync(model, ctx(world_size=1), TrainConfig())
+    assert isinstance(sync, NoGradientSync) and sync.module is model
+    sync.settle(lambda module: module(torch.ones(1, 3)).sum())  # nothing to probe or lay out
+    sync.backward(model(torch.ones(1, 3)).sum())
+    assert torch.equal(model.bias.grad, torch.ones(2)) and sync.state_dict() == {}
