@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from hpcml.bench.launch import BenchmarkError
+from hpcml.bench.launch import BenchmarkError, BenchmarkSkipped
 from hpcml.bench.record import write_summary
 
 # name -> module with `run(quick, workdir) -> BenchResult`, in the order they run.
@@ -24,6 +24,7 @@ BENCHMARKS = {
     "checkpoints": "hpcml.bench.checkpoints",
     "startup": "hpcml.bench.startup",
     "submission": "hpcml.bench.submission",
+    "gpu": "hpcml.bench.gpu",  # skipped without a CUDA device
 }
 
 
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name} ({'quick' if args.quick else 'full'})", flush=True)
         try:
             result = importlib.import_module(BENCHMARKS[name]).run(args.quick, workdir)
+        except BenchmarkSkipped as err:
+            print(f"   skipped: {err}", flush=True)
+            (args.results_dir / f"{name}.json").unlink(missing_ok=True)
+            continue
         except BenchmarkError as err:
             print(f"!! {name} failed: {err}", file=sys.stderr, flush=True)
             failed.append(name)

@@ -23,6 +23,10 @@ class BenchmarkError(HpcmlError):
     """A benchmark worker failed; the message carries its output."""
 
 
+class BenchmarkSkipped(Exception):
+    """This machine lacks what the benchmark measures (a GPU, say); the message says what."""
+
+
 @dataclass(frozen=True)
 class Layout:
     """How the ranks of one measurement are placed, and the command prefix that places them."""

@@ -115,6 +115,7 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
 def write_summary(results_dir: Path) -> Path:
     """summary.md from every `<benchmark>.json` in `results_dir` (so separate runs of single benchmarks
     still end up in one table)."""
+    results_dir.mkdir(parents=True, exist_ok=True)
     records = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
     if not records:
         path = results_dir / SUMMARY_FILE

@@ -44,7 +44,9 @@ def _timed(cmd: list[str], env: dict[str, str], result_file: Path) -> float:
 
 
 def hpcml_start(layout: Layout, out: Path, extra: list[str]) -> float:
-    cmd = [*layout.prefix, sys.executable, str(TRAIN), f"train.output_dir={out}", f"hydra.run.dir={out}", *extra]
+    # gloo, as the bare script uses (on a GPU node, auto would pick NCCL and put both ranks on one GPU).
+    args = [f"train.output_dir={out}", f"hydra.run.dir={out}", "train.backend=gloo", *extra]
+    cmd = [*layout.prefix, sys.executable, str(TRAIN), *args]
     return _timed(cmd, worker_env(), out / "result.json")
 
 
