@@ -11,6 +11,7 @@ is a full pass over them (for a power-of-two N the result is bitwise the same).
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -47,6 +48,12 @@ def resolve_ddp_transport(requested: str, ctx: DistributedContext) -> str:
     return requested
 
 
+# No annotations: DDP compares them with its own types, and this module's are strings (PEP 563).
+def _reduce_bucket(sync_ref, bucket):
+    """DDP's comm hook: `sync_ref` is a weak reference to the DDPGradientSync that registered it."""
+    return sync_ref().reduce_bucket_buffer(bucket.buffer())
+
+
 class DDPGradientSync:
     """torch's DDP: bucketed all-reduces overlap with backward; each bucket on the faster transport."""
 
@@ -68,13 +75,13 @@ class DDPGradientSync:
         if self.transport != transport.TORCH:
             # Our hook sums; DDP's built-in path (kept for transport=torch) divides each bucket instead.
             self.loss_scale = 1.0 / ctx.world_size
-            self.module.register_comm_hook(None, self._reduce_bucket)
+            # A weak reference: the reducer keeps its hook in C++, where the cycle collector cannot see it, so
+            # a bound method would keep this object, DDP and its process group alive until interpreter exit,
+            # when gloo's worker threads die taking the GIL ("terminate called without an active exception",
+            # exit 134 after a finished run; seen in CI).
+            self.module.register_comm_hook(weakref.ref(self), _reduce_bucket)
             if self.transport == transport.MPI:
                 self.plan = TransportPlan.always(transport.MPI)
-
-    # No annotations: DDP compares them with its own types, and this module's are strings (PEP 563).
-    def _reduce_bucket(self, state, bucket):
-        return self.reduce_bucket_buffer(bucket.buffer())
 
     def reduce_bucket_buffer(self, buffer: torch.Tensor) -> torch.futures.Future:
         """Sum one bucket over ranks in place, on the transport the plan gives its size."""

@@ -8,6 +8,7 @@ collective. A stop (signal or deadline) is saved by all ranks together; then ran
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -159,6 +160,9 @@ def run_training(cfg: TrainJobConfig) -> int:
         # group could wait on them. Aborting ends every rank at once.
         end_all_ranks(rank, exc)
         raise
+    # The finished trainer's DDP holds the process group through reference cycles; free it now, while gloo's
+    # worker threads can still take the GIL, not in the collector's last pass at interpreter exit.
+    gc.collect()
     teardown_distributed()
     if ctx.uses_mpi and ctx.world_size > 1:
         mpi.world().barrier()  # nobody exits (taking the store or its sockets) while a peer still tears down

@@ -62,3 +62,27 @@ def test_one_rank_alone_gets_no_ddp_and_no_probe():
     sync.settle(lambda module: module(torch.ones(1, 3)).sum())  # nothing to probe or lay out
     sync.backward(model(torch.ones(1, 3)).sum())
     assert torch.equal(model.bias.grad, torch.ones(2)) and sync.state_dict() == {}
+
+
+def test_the_comm_hook_does_not_keep_ddp_and_its_process_group_alive(monkeypatch):
+    """DDP keeps its hook in C++, out of the cycle collector's sight: a hook bound to the sync object kept
+    DDP (and the process group) alive until interpreter exit, where gloo's threads aborted the process."""
+    import gc
+    import weakref
+
+    from hpcml.dist import setup_distributed, teardown_distributed
+    from hpcml.env import SingleProcessEnvironment
+    from hpcml.gradsync import DDPGradientSync
+
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    base = setup_distributed(SingleProcessEnvironment({}), "gloo", 30)
+    try:
+        mpi_ctx = DistributedContext(base.placement, "gloo", base.device, "Open MPI (mpirun)", uses_mpi=True)
+        sync = DDPGradientSync(torch.nn.Linear(4, 2), mpi_ctx, TrainConfig(ddp_transport="mpi"))
+        assert sync.transport == MPI  # the hook is registered
+        ddp = weakref.ref(sync.module)
+        del sync
+        gc.collect()
+        assert ddp() is None
+    finally:
+        teardown_distributed()
