@@ -5,8 +5,8 @@ In one process, in the same directory and with the same byte count:
   dropped from the page cache (posix_fadvise DONTNEED, no root needed), so it comes from the disk;
 - hpcml save: a synchronous save of a real training state (MLP + Adam) through the checkpoint writer
   training uses (for GPU state: copy into pinned host buffers), then serialise, checksum, fsync,
-  manifest, rename, and pruning of the previous checkpoint; hpcml load: verify the manifest's hashes and
-  load (onto the state's device), with the cache dropped first;
+  manifest, rename (older checkpoints are kept while timing: the disk baseline deletes nothing either);
+  hpcml load: verify the manifest's hashes while loading (onto the state's device), cache dropped first;
 - the training stall of a save: in a training loop of that model saving every few steps, the time the
   training thread is blocked per save, with `async_save` (a thread copies the state while the next
   forward/backward runs, then writes it) and without; and the slowdown per save against the same loop
