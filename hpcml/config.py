@@ -20,8 +20,8 @@ from omegaconf.errors import OmegaConfBaseException
 from hpcml.errors import ConfigError
 
 BACKENDS = ("auto", "gloo", "nccl")
-GRAD_SYNCS = ("ddp", "mpi")
-DDP_TRANSPORTS = ("auto", "torch", "mpi")
+GRAD_SYNCS = ("ddp", "flat")
+TRANSPORTS = ("auto", "torch", "mpi")
 DATASETS = ("digits", "synthetic", "npz")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
@@ -189,14 +189,16 @@ class TrainConfig:
     log_every: int = 10
     # auto: nccl when CUDA is there (one GPU per rank), gloo otherwise.
     backend: str = "auto"
-    # ddp: torch DistributedDataParallel; mpi: one flat all-reduce of all gradients through mpi4py.
+    # ddp: torch DistributedDataParallel (bucketed all-reduces overlap backward); flat: all gradients in one
+    # buffer, summed by one all-reduce after backward.
     grad_sync: str = "ddp"
     # DDP's gradient bucket size and whether grads alias the buckets (saves a copy per step).
     ddp_bucket_cap_mb: float = 25.0
     gradient_as_bucket_view: bool = True
-    # What carries DDP's bucket all-reduces: torch (the process group: gloo or nccl), mpi, or auto (time
-    # both once per job on this job's ranks and give each bucket the faster; torch on GPUs and without MPI).
-    ddp_transport: str = "auto"
+    # What carries the gradient all-reduces: torch (the process group: gloo or nccl), mpi (mpi4py), or auto
+    # (time both once per job on this job's ranks, and give each buffer size the faster; torch on GPUs and
+    # without an MPI launcher).
+    transport: str = "auto"
     # A collective that waits longer than this fails instead of hanging the job.
     dist_timeout_s: int = 300
     # Where rank 0 writes metrics, logs and results; the Hydra run directory by default.
@@ -207,8 +209,13 @@ class TrainConfig:
         _require(self.global_batch_size >= 1, f"train.global_batch_size={self.global_batch_size} must be 1 or more.")
         _require(self.log_every >= 1, f"train.log_every={self.log_every} must be 1 or more.")
         _one_of("train.backend", self.backend, BACKENDS)
+        _require(
+            self.grad_sync != "mpi",
+            "train.grad_sync=mpi is now spelled train.grad_sync=flat train.transport=mpi (one flat gradient buffer, "
+            "summed by MPI); with train.transport=auto each job takes the faster of MPI and torch.distributed.",
+        )
         _one_of("train.grad_sync", self.grad_sync, GRAD_SYNCS)
-        _one_of("train.ddp_transport", self.ddp_transport, DDP_TRANSPORTS)
+        _one_of("train.transport", self.transport, TRANSPORTS)
 
 
 @dataclass

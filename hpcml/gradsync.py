@@ -1,20 +1,22 @@
-"""Gradient synchronisation across ranks: DistributedDataParallel, or one flat MPI all-reduce.
+"""Gradient synchronisation across ranks: DistributedDataParallel, or one flat all-reduce after backward.
 
-Both average gradients over ranks after backward, so every rank applies the same update. The MPI path
-keeps all gradients as views into one contiguous buffer, so the all-reduce needs no packing copy.
+Both sum gradients over ranks after backward, so every rank applies the same update. The flat path keeps
+all gradients as views into one contiguous buffer, so its all-reduce needs no packing copy. Either path's
+all-reduces go over torch.distributed or MPI, as `train.transport` says (hpcml.transport).
 
-Where hpcml sums gradients itself (the MPI path, and DDP with its own comm hook), the 1/N of the average
+Where hpcml sums gradients itself (the flat path, and DDP with its own comm hook), the 1/N of the average
 is folded into the loss before backward: scaling one scalar is free, while dividing the summed gradients
 is a full pass over them (for a power-of-two N the result is bitwise the same).
 """
 
 from __future__ import annotations
 
-import logging
 import weakref
 from collections.abc import Callable
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -22,26 +24,31 @@ from hpcml import mpi, transport
 from hpcml.config import TrainConfig
 from hpcml.dist import DistributedContext
 from hpcml.errors import ConfigError
-from hpcml.transport import TransportPlan
-
-log = logging.getLogger(__name__)
+from hpcml.transport import TransportSelector
 
 # DDP puts the first gradients into a bucket of its own of about this size (torch's default).
 DDP_FIRST_BUCKET_BYTES = 1 << 20
+# The flat path probes at most this much: beyond it both transports are bandwidth-bound and the choice
+# holds, while probing a multi-GB buffer would cost seconds and as much memory again.
+FLAT_PROBE_MAX_BYTES = 64 << 20
+# Its one size affords more rounds than DDP's ladder of sizes: one probe decides every step's all-reduce
+# (between the local cluster's nodes, 3 rounds once chose MPI at 4 MB, 2.4x slower than gloo there).
+FLAT_PROBE_ROUNDS = 5
 
 
-def resolve_ddp_transport(requested: str, ctx: DistributedContext) -> str:
+def resolve_transport(requested: str, ctx: DistributedContext, grad_sync: str) -> str:
     """torch, mpi or auto (probe both); auto means torch wherever MPI cannot or need not compete."""
     if requested == transport.MPI:
         if not ctx.uses_mpi:
             raise ConfigError(
-                f"train.ddp_transport=mpi needs an MPI launcher (mpirun, or srun --mpi=pmix); this job was started "
-                f"by {ctx.launcher}. Use train.ddp_transport=auto or torch."
+                f"train.transport=mpi needs an MPI launcher (mpirun, or srun --mpi=pmix); this job was started "
+                f"by {ctx.launcher}. Use train.transport=auto or torch."
             )
-        if ctx.device.type != "cpu":
+        if ctx.device.type != "cpu" and grad_sync == "ddp":
             raise ConfigError(
-                "train.ddp_transport=mpi reduces host memory, and this job's gradients are on GPUs, where NCCL is "
-                "the fast path; use train.ddp_transport=auto or torch."
+                "train.transport=mpi with train.grad_sync=ddp reduces each bucket in host memory, and this job's "
+                "gradients are on GPUs, where NCCL is the fast path; use train.transport=auto or torch (or "
+                "train.grad_sync=flat, which stages its one buffer through pinned host memory for MPI)."
             )
     if requested == transport.AUTO and (ctx.world_size == 1 or not ctx.uses_mpi or ctx.device.type != "cpu"):
         return transport.TORCH
@@ -51,7 +58,7 @@ def resolve_ddp_transport(requested: str, ctx: DistributedContext) -> str:
 # No annotations: DDP compares them with its own types, and this module's are strings (PEP 563).
 def _reduce_bucket(sync_ref, bucket):
     """DDP's comm hook: `sync_ref` is a weak reference to the DDPGradientSync that registered it."""
-    return sync_ref().reduce_bucket_buffer(bucket.buffer())
+    return sync_ref().reduce_bucket(bucket.index(), bucket.buffer())
 
 
 class DDPGradientSync:
@@ -65,14 +72,15 @@ class DDPGradientSync:
             bucket_cap_mb=cfg.ddp_bucket_cap_mb,
             gradient_as_bucket_view=cfg.gradient_as_bucket_view,
         )
-        self.world_size = ctx.world_size
-        self.transport = resolve_ddp_transport(cfg.ddp_transport, ctx)
-        self.plan: TransportPlan | None = None
-        self._chosen: dict[int, str] = {}  # bucket numel -> transport, filled from the plan
+        self.selector = TransportSelector(resolve_transport(cfg.transport, ctx, "ddp"), ctx.world_size)
+        # Per bucket index, for MPI: (buffer address, its numpy view, a completed future holding it). DDP's
+        # buckets keep their memory from step to step, and building these each time is most of the hook's
+        # Python cost, which ranks sharing cores pay several times over.
+        self._mpi_buckets: dict[int, tuple[int, np.ndarray, torch.futures.Future]] = {}
         self.loss_scale = 1.0
         grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         self.largest_bucket_bytes = min(grad_bytes, max(int(cfg.ddp_bucket_cap_mb * (1 << 20)), DDP_FIRST_BUCKET_BYTES))
-        if self.transport != transport.TORCH:
+        if self.selector.requested != transport.TORCH:
             # Our hook sums; DDP's built-in path (kept for transport=torch) divides each bucket instead.
             self.loss_scale = 1.0 / ctx.world_size
             # A weak reference: the reducer keeps its hook in C++, where the cycle collector cannot see it, so
@@ -80,18 +88,19 @@ class DDPGradientSync:
             # when gloo's worker threads die taking the GIL ("terminate called without an active exception",
             # exit 134 after a finished run; seen in CI).
             self.module.register_comm_hook(weakref.ref(self), _reduce_bucket)
-            if self.transport == transport.MPI:
-                self.plan = TransportPlan.always(transport.MPI)
 
-    def reduce_bucket_buffer(self, buffer: torch.Tensor) -> torch.futures.Future:
-        """Sum one bucket over ranks in place, on the transport the plan gives its size."""
-        if self.plan is None:  # settle()'s throwaway backward, before the probe: the process group
-            return transport.allreduce_sum_(buffer, transport.TORCH)
-        # Buckets keep their sizes from step to step: look each size up once (this runs per bucket per step).
-        chosen = self._chosen.get(buffer.numel())
-        if chosen is None:
-            chosen = self._chosen[buffer.numel()] = self.plan.for_bytes(buffer.numel() * buffer.element_size())
-        return transport.allreduce_sum_(buffer, chosen)
+    def reduce_bucket(self, index: int, buffer: torch.Tensor) -> torch.futures.Future:
+        """Sum bucket `index` over ranks in place, on the transport the plan gives its size."""
+        chosen = self.selector.for_bytes(buffer.numel() * buffer.element_size())
+        if chosen != transport.MPI:
+            return transport.allreduce_sum_(buffer, chosen)
+        cached = self._mpi_buckets.get(index)
+        if cached is None or cached[0] != buffer.data_ptr():
+            done: torch.futures.Future = torch.futures.Future()
+            done.set_result(buffer)
+            cached = self._mpi_buckets[index] = (buffer.data_ptr(), buffer.numpy(), done)
+        mpi.world().allreduce_sum_(cached[1])
+        return cached[2]  # MPI has finished: the same completed future serves every step
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
@@ -103,23 +112,13 @@ class DDPGradientSync:
         """Nothing to do: DDP's hooks reduced every bucket during backward."""
 
     def state_dict(self) -> dict:
-        plan = self.plan.as_state() if self.plan is not None and self.transport == transport.AUTO else None
-        return {"transport_plan": plan, "world_size": self.world_size}
+        return self.selector.state_dict()
 
     def load_state_dict(self, state: dict | None) -> None:
-        """Reuse a checkpoint's transport plan at the same world size, so the summation order is unchanged."""
-        if (
-            state
-            and state.get("transport_plan")
-            and state["world_size"] == self.world_size
-            and self.transport == transport.AUTO
-        ):
-            self.plan = TransportPlan.from_state(state["transport_plan"])
-            self._chosen.clear()
-            log.info("all-reduce transports from the checkpoint: %s", self.plan.as_state())
+        self.selector.load_state_dict(state)
 
     def settle(self, loss_of: Callable[[nn.Module], torch.Tensor]) -> None:
-        """One throwaway backward before the first real step.
+        """One throwaway backward before the first real step, then the transport probe (auto).
 
         DDP lays its gradient buckets out anew after its first backward, in the order gradients became
         ready. The layout decides how gloo/NCCL chunk the buffer and so the order of float additions:
@@ -133,45 +132,37 @@ class DDPGradientSync:
         with torch.no_grad():
             for name, b in inner.named_buffers():
                 b.copy_(buffers[name])
-        if self.transport == transport.AUTO and self.plan is None:
-            self.plan, timings = transport.probe(self.largest_bucket_bytes)
-            log.info(
-                "all-reduce transport by bucket size (bytes): %s (probe: %s)",
-                self.plan.as_state(),
-                ", ".join(f"{t['bytes']}B torch {t['torch'] * 1e3:.2f}ms mpi {t['mpi'] * 1e3:.2f}ms" for t in timings),
-            )
+        self._mpi_buckets.clear()  # the next forward lays the buckets out anew; keep no old buffer alive
+        self.selector.decide(transport.probe_sizes(self.largest_bucket_bytes))
 
 
-class MPIGradientSync:
-    """All gradients live in one flat buffer that a single MPI_Allreduce averages after backward."""
+class FlatGradientSync:
+    """All gradients live in one flat buffer that a single all-reduce sums after backward."""
 
-    def __init__(self, model: nn.Module, ctx: DistributedContext):
-        if not ctx.uses_mpi:
-            raise ConfigError(
-                f"train.grad_sync=mpi needs an MPI launcher (mpirun, or srun --mpi=pmix); this job was started by "
-                f"{ctx.launcher}. Use train.grad_sync=ddp."
-            )
+    def __init__(self, model: nn.Module, ctx: DistributedContext, cfg: TrainConfig):
         self.module = model
-        self.world = mpi.world()
-        self.loss_scale = 1.0 / self.world.size
+        self.selector = TransportSelector(resolve_transport(cfg.transport, ctx, "flat"), ctx.world_size)
+        self.loss_scale = 1.0 / ctx.world_size
         params = [p for p in model.parameters() if p.requires_grad]
         total = sum(p.numel() for p in params)
         self.flat_grad = torch.zeros(total, dtype=params[0].dtype, device=params[0].device)
+        self.nbytes = total * self.flat_grad.element_size()
         # MPI without CUDA support reads host memory: GPU gradients are staged through a pinned copy.
-        self.host = (
-            self.flat_grad if ctx.device.type == "cpu" else torch.zeros(total, dtype=self.flat_grad.dtype).pin_memory()
-        )
+        self.host = self.flat_grad
+        if ctx.device.type != "cpu" and self.selector.requested == transport.MPI:
+            self.host = torch.zeros(total, dtype=self.flat_grad.dtype).pin_memory()
         offset = 0
         for p in params:
             p.grad = self.flat_grad[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
         self._broadcast_parameters(params)
 
-    def _broadcast_parameters(self, params: list[nn.Parameter]) -> None:
+    @staticmethod
+    def _broadcast_parameters(params: list[nn.Parameter]) -> None:
         """Start every rank from rank 0's weights, as DDP does."""
         with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1).cpu() for p in params])
-            self.world.broadcast_array_(flat.numpy())
+            flat = torch.cat([p.detach().reshape(-1) for p in params])
+            dist.broadcast(flat, src=0)
             offset = 0
             for p in params:
                 p.copy_(flat[offset : offset + p.numel()].view_as(p))
@@ -181,22 +172,26 @@ class MPIGradientSync:
         (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
 
     def state_dict(self) -> dict:
-        return {}
+        return self.selector.state_dict()
 
     def load_state_dict(self, state: dict | None) -> None:
-        """Nothing to restore: one flat MPI all-reduce, always."""
+        self.selector.load_state_dict(state)
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         # The gradients must stay views into the flat buffer, so they are zeroed, never set to None.
         self.flat_grad.zero_()
 
     def settle(self, loss_of: Callable[[nn.Module], torch.Tensor]) -> None:
-        """Nothing to settle: the flat buffer's layout never changes."""
+        """The transport probe (auto), at the buffer's size: its layout never changes."""
+        self.selector.decide([min(self.nbytes, FLAT_PROBE_MAX_BYTES)], rounds=FLAT_PROBE_ROUNDS)
 
     def synchronize(self) -> None:
+        if self.selector.for_bytes(self.nbytes) == transport.TORCH:
+            dist.all_reduce(self.flat_grad)
+            return
         if self.host is not self.flat_grad:
             self.host.copy_(self.flat_grad)
-        self.world.allreduce_sum_(self.host.numpy())
+        mpi.world().allreduce_sum_(self.host.numpy())
         if self.host is not self.flat_grad:
             self.flat_grad.copy_(self.host, non_blocking=False)
 
@@ -228,8 +223,8 @@ class NoGradientSync:
 
 
 def make_gradient_sync(model: nn.Module, ctx: DistributedContext, cfg: TrainConfig):
-    if cfg.grad_sync == "mpi":
-        return MPIGradientSync(model, ctx)
+    if cfg.grad_sync == "flat":
+        return FlatGradientSync(model, ctx, cfg)
     if ctx.world_size == 1:
         return NoGradientSync(model)
     return DDPGradientSync(model, ctx, cfg)

@@ -51,7 +51,7 @@ class TrainingResult:
     elapsed_s: float
     output_dir: str
     resumed_from_step: int | None
-    # DDP's all-reduce transport per bucket size (bytes -> torch|mpi) when hpcml chose it; else None.
+    # The all-reduce transport per buffer size (bytes -> torch|mpi) when hpcml chose it (auto); else None.
     transport_plan: dict[str, str] | None = None
     # Unix time at which this process finished its first training step (start-up and resume benchmarks).
     first_step_at: float | None = None

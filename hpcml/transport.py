@@ -2,8 +2,8 @@
 
 Neither wins everywhere on CPU nodes (docs/PERFORMANCE.md): within a node Open MPI's shared memory is
 several times faster than gloo for buffers up to tens of MB, while between nodes gloo's TCP rings beat
-Open MPI's TCP path. So with `train.ddp_transport=auto` the ranks time both on the buffer sizes their
-gradient buckets can have, once per job, and every bucket takes the faster one. The timings are maxed
+Open MPI's TCP path. So with `train.transport=auto` the ranks time both on the buffer sizes their
+gradients are reduced in (DDP's buckets, or the one flat buffer), once per job, and each size takes the faster. The timings are maxed
 over ranks by an all-reduce, so every rank makes the same choice. The plan is saved in checkpoints and
 reused on resume at the same world size: the summation order, and so bitwise-exact resume, survives.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,10 +26,14 @@ log = logging.getLogger(__name__)
 
 TORCH = "torch"
 MPI = "mpi"
-AUTO = "auto"  # train.ddp_transport: probe both, per bucket size
+AUTO = "auto"  # train.transport: probe both, per buffer size
 # Probe sizes: a ladder by factors of 4, from here up to the largest bucket.
 SMALLEST_PROBE_BYTES = 64 << 10
-PROBE_BUDGET_S = 0.02
+# Each size is timed in rounds that alternate the transports, each round filling about this long per
+# transport; the median round decides. One round was not enough between nodes here: Open MPI's TCP path
+# takes either ~5 or ~20 ms for 1 MB, and a single lucky round picked it over gloo at 4x the cost.
+PROBE_ROUNDS = 3
+PROBE_BUDGET_S = 0.01
 
 
 def mean_time(op: Callable[[], object], iters: int, warmup: int = 1) -> float:
@@ -81,19 +86,73 @@ class TransportPlan:
         return TransportPlan({SMALLEST_PROBE_BYTES: transport})
 
 
-def probe(largest_bytes: int, budget_s: float = PROBE_BUDGET_S) -> tuple[TransportPlan, list[dict[str, float]]]:
-    """Time torch.distributed and MPI all-reduces on this job's ranks (a collective call: every rank)."""
+def probe(
+    sizes: list[int], budget_s: float = PROBE_BUDGET_S, rounds: int = PROBE_ROUNDS
+) -> tuple[TransportPlan, list[dict[str, float]]]:
+    """Time torch.distributed and MPI all-reduces of each size on this job's ranks (collective: every rank)."""
     world = mpi.world()
     choices: dict[int, str] = {}
     timings = []
-    for nbytes in probe_sizes(largest_bytes):
+    for nbytes in sizes:
         tensor = torch.zeros(nbytes // 4)
         array = tensor.numpy()  # same memory: both transports touch the same pages
         ops = {TORCH: lambda t=tensor: dist.all_reduce(t), MPI: lambda a=array: world.allreduce_sum_(a)}
-        seconds = {name: mean_time(op, iterations_for(op, budget_s)) for name, op in ops.items()}
+        iters = {name: iterations_for(op, budget_s) for name, op in ops.items()}
+        per_round: dict[str, list[float]] = {name: [] for name in ops}
+        for _ in range(rounds):
+            for name, op in ops.items():
+                per_round[name].append(mean_time(op, iters[name], warmup=0))
+        # Every rank saw the same maxed times, so every rank takes the same median.
+        seconds = {name: statistics.median(times) for name, times in per_round.items()}
         choices[nbytes] = MPI if seconds[MPI] < seconds[TORCH] else TORCH
         timings.append({"bytes": nbytes, **seconds})
     return TransportPlan(choices), timings
+
+
+class TransportSelector:
+    """Which transport reduces a buffer of a given size in this job.
+
+    Fixed by `train.transport` (torch or mpi), or with auto left open until `decide` probes, once per job;
+    an auto plan goes into checkpoints (`state_dict`) and a resume at the same world size reuses it.
+    """
+
+    def __init__(self, requested: str, world_size: int):
+        self.requested = requested
+        self.world_size = world_size
+        self.plan: TransportPlan | None = None if requested == AUTO else TransportPlan.always(requested)
+        self._by_bytes: dict[int, str] = {}
+
+    def for_bytes(self, nbytes: int) -> str:
+        """The plan's choice (looked up once per size: this runs per bucket per step); torch before `decide`."""
+        chosen = self._by_bytes.get(nbytes)
+        if chosen is None:
+            if self.plan is None:  # DDP's throwaway settle() backward, before the probe
+                return TORCH
+            chosen = self._by_bytes[nbytes] = self.plan.for_bytes(nbytes)
+        return chosen
+
+    def decide(self, sizes: list[int], rounds: int = PROBE_ROUNDS) -> None:
+        """Probe `sizes` (a collective call) unless the plan is fixed or came from a checkpoint."""
+        if self.plan is not None:
+            return
+        self.plan, timings = probe(sizes, rounds=rounds)
+        self._by_bytes.clear()
+        log.info(
+            "all-reduce transport by buffer size (bytes): %s (probe: %s)",
+            self.plan.as_state(),
+            ", ".join(f"{t['bytes']}B torch {t[TORCH] * 1e3:.2f}ms mpi {t[MPI] * 1e3:.2f}ms" for t in timings),
+        )
+
+    def state_dict(self) -> dict:
+        plan = self.plan.as_state() if self.plan is not None and self.requested == AUTO else None
+        return {"transport_plan": plan, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Reuse a checkpoint's plan at the same world size, so the summation order is unchanged."""
+        if state and state.get("transport_plan") and state["world_size"] == self.world_size and self.requested == AUTO:
+            self.plan = TransportPlan.from_state(state["transport_plan"])
+            self._by_bytes.clear()
+            log.info("all-reduce transports from the checkpoint: %s", self.plan.as_state())
 
 
 def allreduce_sum_(buffer: torch.Tensor, transport: str) -> torch.futures.Future:

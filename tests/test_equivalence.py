@@ -23,7 +23,14 @@ def one_process(tmp_path_factory):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize(
-    "sync", ["grad_sync=ddp ddp_transport=torch", "grad_sync=ddp ddp_transport=mpi", "grad_sync=ddp", "grad_sync=mpi"]
+    "sync",
+    [
+        "grad_sync=ddp transport=torch",
+        "grad_sync=ddp transport=mpi",
+        "grad_sync=ddp",
+        "grad_sync=flat transport=torch",
+        "grad_sync=flat transport=mpi",
+    ],
 )
 def test_four_ranks_equal_one_process_on_the_global_batch(sync, one_process, tmp_path):
     four = train(tmp_path, ranks=4, extra=[f"train.{kv}" for kv in sync.split()])
@@ -36,7 +43,7 @@ def test_four_ranks_equal_one_process_on_the_global_batch(sync, one_process, tmp
 def test_three_ranks_average_too(one_process, tmp_path):
     """With a world size that is not a power of two, folding 1/N into the loss is not bitwise the same as
     dividing the sum, but it is the same mean to float precision."""
-    three = train(tmp_path, ranks=3, extra=["train.ddp_transport=mpi", "train.global_batch_size=63"])
+    three = train(tmp_path, ranks=3, extra=["train.transport=mpi", "train.global_batch_size=63"])
     reference = train(tmp_path / "one", ranks=1, extra=["train.global_batch_size=63"])
     for name, expected in reference.items():
         torch.testing.assert_close(three[name], expected, rtol=1e-4, atol=1e-5, msg=f"{name} differs")

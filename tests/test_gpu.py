@@ -61,14 +61,14 @@ def test_async_saves_of_gpu_state_resume_bitwise(gpu_ctx, tmp_path):
 
 @pytest.mark.mpi
 def test_mpi_gradient_path_on_the_gpu(tmp_path):
-    """grad_sync=mpi stages GPU gradients through pinned host memory for MPI (mpirun -np 1 on one GPU)."""
-    args = ["train.steps=100", "train.grad_sync=mpi", "train.backend=auto", f"train.output_dir={tmp_path}",
-            f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    """The flat path over MPI stages GPU gradients through pinned host memory (mpirun -np 1 on one GPU)."""
+    args = ["train.steps=100", "train.grad_sync=flat", "train.transport=mpi", "train.backend=auto",
+            f"train.output_dir={tmp_path}", f"hydra.run.dir={tmp_path}"]  # fmt: skip
     cmd = ["mpirun", "-np", "1", PYTHON, TRAIN, *args]
     done = subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = read_result(tmp_path)
-    assert (result["backend"], result["grad_sync"]) == ("nccl", "mpi")
+    assert (result["backend"], result["grad_sync"]) == ("nccl", "flat")
     assert result["test_accuracy"] > 0.85
 
 

@@ -108,7 +108,12 @@ def test_checksum_sees_a_one_bit_change(ctx, tmp_path):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize(
-    "sync", [["train.grad_sync=ddp", "train.ddp_transport=torch"], ["train.ddp_transport=mpi"], ["train.grad_sync=mpi"]]
+    "sync",
+    [
+        ["train.grad_sync=ddp", "train.transport=torch"],
+        ["train.transport=mpi"],
+        ["train.grad_sync=flat", "train.transport=mpi"],
+    ],
 )
 def test_four_rank_resume_is_bitwise_exact(sync, tmp_path):
     """With DDP this needs gradsync.settle(): a fresh DDP reduces its first step in another bucket layout.
@@ -136,17 +141,20 @@ def test_four_rank_resume_is_bitwise_exact(sync, tmp_path):
 
 
 @pytest.mark.mpi
-def test_resume_reuses_the_checkpoints_transport_plan(tmp_path):
+@pytest.mark.parametrize("grad_sync", ["ddp", "flat"])
+def test_resume_reuses_the_checkpoints_transport_plan(grad_sync, tmp_path):
     """transport=auto decides once per run; a resumed run must not re-probe (noise could flip a choice and
     change the order of float additions), so the plan travels in the checkpoint."""
     from helpers import read_result, run_train
 
     first, resumed = tmp_path / "first", tmp_path / "resumed"
-    run_train(["train.steps=20", f"train.output_dir={first}", f"hydra.run.dir={first}"], ranks=2)
+    common = ["train.grad_sync=" + grad_sync]
+    run_train([*common, "train.steps=20", f"train.output_dir={first}", f"hydra.run.dir={first}"], ranks=2)
     plan = read_result(first)["transport_plan"]
     assert plan and set(plan.values()) <= {"torch", "mpi"}
     done = run_train(
         [
+            *common,
             "train.steps=30",
             f"checkpoint.resume={first / 'checkpoints' / 'step-20'}",
             f"train.output_dir={resumed}",
@@ -155,7 +163,7 @@ def test_resume_reuses_the_checkpoints_transport_plan(tmp_path):
         ranks=2,
     )
     assert "all-reduce transports from the checkpoint" in done.stderr
-    assert "all-reduce transport by bucket size" not in done.stderr  # no second probe
+    assert "all-reduce transport by buffer size" not in done.stderr  # no second probe
     assert read_result(resumed)["transport_plan"] == plan
 
 

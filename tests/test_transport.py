@@ -7,8 +7,8 @@ from hpcml.config import TrainConfig
 from hpcml.dist import DistributedContext
 from hpcml.env import ProcessPlacement
 from hpcml.errors import ConfigError
-from hpcml.gradsync import NoGradientSync, make_gradient_sync, resolve_ddp_transport
-from hpcml.transport import MPI, SMALLEST_PROBE_BYTES, TORCH, TransportPlan, probe_sizes
+from hpcml.gradsync import NoGradientSync, make_gradient_sync, resolve_transport
+from hpcml.transport import AUTO, MPI, SMALLEST_PROBE_BYTES, TORCH, TransportPlan, TransportSelector, probe_sizes
 
 MB = 1 << 20
 
@@ -38,21 +38,53 @@ def test_a_bucket_takes_the_choice_of_the_nearest_probed_size():
     [ctx(world_size=1), ctx(uses_mpi=False, launcher="torchrun"), ctx(device="meta")],
     ids=["one rank", "no MPI world", "GPU-like device"],
 )
-def test_auto_means_torch_where_mpi_cannot_or_need_not_compete(context):
-    assert resolve_ddp_transport("auto", context) == TORCH
+@pytest.mark.parametrize("grad_sync", ["ddp", "flat"])
+def test_auto_means_torch_where_mpi_cannot_or_need_not_compete(context, grad_sync):
+    assert resolve_transport("auto", context, grad_sync) == TORCH
 
 
-def test_auto_probes_on_cpu_ranks_in_an_mpi_world():
-    assert resolve_ddp_transport("auto", ctx()) == "auto"
-    assert resolve_ddp_transport("torch", ctx()) == TORCH
-    assert resolve_ddp_transport("mpi", ctx()) == MPI
+@pytest.mark.parametrize("grad_sync", ["ddp", "flat"])
+def test_auto_probes_on_cpu_ranks_in_an_mpi_world(grad_sync):
+    assert resolve_transport("auto", ctx(), grad_sync) == "auto"
+    assert resolve_transport("torch", ctx(), grad_sync) == TORCH
+    assert resolve_transport("mpi", ctx(), grad_sync) == MPI
 
 
-def test_mpi_transport_without_mpi_or_on_gpus_is_refused_with_a_fix():
-    with pytest.raises(ConfigError, match="needs an MPI launcher.*ddp_transport=auto or torch"):
-        resolve_ddp_transport("mpi", ctx(uses_mpi=False, launcher="torchrun"))
-    with pytest.raises(ConfigError, match="GPUs, where NCCL is the fast path"):
-        resolve_ddp_transport("mpi", ctx(device="meta"))
+def test_mpi_transport_without_mpi_or_per_bucket_on_gpus_is_refused_with_a_fix():
+    for grad_sync in ("ddp", "flat"):
+        with pytest.raises(ConfigError, match="needs an MPI launcher.*train.transport=auto or torch"):
+            resolve_transport("mpi", ctx(uses_mpi=False, launcher="torchrun"), grad_sync)
+    with pytest.raises(ConfigError, match="GPUs, where NCCL is the fast path.*train.grad_sync=flat"):
+        resolve_transport("mpi", ctx(device="meta"), "ddp")
+    # The flat path stages its one buffer through pinned host memory: MPI on GPUs is the user's call.
+    assert resolve_transport("mpi", ctx(device="meta"), "flat") == MPI
+
+
+def test_a_fixed_transport_needs_no_probe_and_leaves_no_plan_in_checkpoints():
+    selector = TransportSelector(MPI, world_size=4)
+    selector.decide([1 * MB])  # a probe here would need an MPI world of 4: it must not run
+    assert selector.for_bytes(8 * MB) == MPI
+    assert selector.state_dict() == {"transport_plan": None, "world_size": 4}
+    selector.load_state_dict({"transport_plan": {str(MB): TORCH}, "world_size": 4})
+    assert selector.for_bytes(MB) == MPI  # the configured transport wins over a checkpoint's plan
+
+
+def test_an_auto_plan_travels_in_checkpoints_at_the_same_world_size():
+    before = TransportSelector(AUTO, world_size=4)
+    assert before.for_bytes(MB) == TORCH  # DDP's throwaway backward, before the probe
+    before.plan = TransportPlan({64 << 10: MPI, 16 * MB: TORCH})
+    state = before.state_dict()
+    assert state == {"transport_plan": {str(64 << 10): MPI, str(16 * MB): TORCH}, "world_size": 4}
+
+    resumed = TransportSelector(AUTO, world_size=4)
+    resumed.load_state_dict(state)
+    assert resumed.for_bytes(64 << 10) == MPI
+    resumed.decide([MB])  # the plan is there: no probe
+    assert resumed.plan == before.plan
+
+    rescaled = TransportSelector(AUTO, world_size=8)
+    rescaled.load_state_dict(state)  # another world size: timings (and summation order) differ anyway
+    assert rescaled.plan is None
 
 
 def test_one_rank_alone_gets_no_ddp_and_no_probe():
@@ -64,25 +96,59 @@ def test_one_rank_alone_gets_no_ddp_and_no_probe():
     assert torch.equal(model.bias.grad, torch.ones(2)) and sync.state_dict() == {}
 
 
-def test_the_comm_hook_does_not_keep_ddp_and_its_process_group_alive(monkeypatch):
+@pytest.fixture
+def process_group(monkeypatch):
+    """A one-rank gloo process group in this process, torn down afterwards."""
+    from hpcml.dist import setup_distributed, teardown_distributed
+    from hpcml.env import SingleProcessEnvironment
+
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    yield setup_distributed(SingleProcessEnvironment({}), "gloo", 30)
+    teardown_distributed()
+
+
+def test_the_flat_path_needs_no_mpi_launcher(process_group):
+    """With transport=auto and no MPI world the flat buffer goes over the process group; nothing to probe."""
+    from hpcml.gradsync import FlatGradientSync
+
+    model = torch.nn.Linear(3, 2)
+    sync = make_gradient_sync(model, process_group, TrainConfig(grad_sync="flat"))
+    assert isinstance(sync, FlatGradientSync) and sync.selector.requested == TORCH
+    sync.settle(lambda module: module(torch.ones(1, 3)).sum())
+    sync.zero_grad(None)
+    sync.backward(model(torch.ones(1, 3)).sum())
+    sync.synchronize()
+    assert torch.equal(model.bias.grad, torch.ones(2))
+    assert model.bias.grad.data_ptr() == sync.flat_grad[model.weight.numel() :].data_ptr()  # still a view
+    assert sync.state_dict() == {"transport_plan": None, "world_size": 1}
+
+
+def test_the_mpi_comm_hook_reuses_its_bucket_views_until_the_buckets_move(process_group):
+    from hpcml.gradsync import DDPGradientSync
+
+    mpi_ctx = DistributedContext(process_group.placement, "gloo", process_group.device, "mpirun", uses_mpi=True)
+    sync = DDPGradientSync(torch.nn.Linear(4, 2), mpi_ctx, TrainConfig(transport="mpi"))
+    bucket = torch.ones(10)
+    first = sync.reduce_bucket(0, bucket)
+    assert sync.reduce_bucket(0, bucket) is first and first.value() is bucket  # completed, step after step
+    moved = torch.ones(10)
+    assert sync.reduce_bucket(0, moved).value() is moved  # DDP laid its buckets out anew
+    sync.settle(lambda module: module(torch.ones(1, 4)).sum())
+    assert not sync._mpi_buckets  # the throwaway backward's buckets are not kept alive
+
+
+def test_the_comm_hook_does_not_keep_ddp_and_its_process_group_alive(process_group):
     """DDP keeps its hook in C++, out of the cycle collector's sight: a hook bound to the sync object kept
     DDP (and the process group) alive until interpreter exit, where gloo's threads aborted the process."""
     import gc
     import weakref
 
-    from hpcml.dist import setup_distributed, teardown_distributed
-    from hpcml.env import SingleProcessEnvironment
     from hpcml.gradsync import DDPGradientSync
 
-    monkeypatch.delenv("MASTER_ADDR", raising=False)
-    base = setup_distributed(SingleProcessEnvironment({}), "gloo", 30)
-    try:
-        mpi_ctx = DistributedContext(base.placement, "gloo", base.device, "Open MPI (mpirun)", uses_mpi=True)
-        sync = DDPGradientSync(torch.nn.Linear(4, 2), mpi_ctx, TrainConfig(ddp_transport="mpi"))
-        assert sync.transport == MPI  # the hook is registered
-        ddp = weakref.ref(sync.module)
-        del sync
-        gc.collect()
-        assert ddp() is None
-    finally:
-        teardown_distributed()
+    mpi_ctx = DistributedContext(process_group.placement, "gloo", process_group.device, "mpirun", uses_mpi=True)
+    sync = DDPGradientSync(torch.nn.Linear(4, 2), mpi_ctx, TrainConfig(transport="mpi"))
+    assert sync.selector.requested == MPI  # the hook is registered
+    ddp = weakref.ref(sync.module)
+    del sync
+    gc.collect()
+    assert ddp() is None

@@ -34,6 +34,7 @@ class Layout:
     name: str
     ranks: int
     prefix: tuple[str, ...]
+    nodes: int = 1
 
     @staticmethod
     def local(ranks: int) -> Layout:
@@ -57,7 +58,9 @@ class Layout:
         ]
         if partition:
             prefix.append(f"--partition={partition}")
-        return Layout(f"{nodes * tasks_per_node} ranks, srun, {nodes} nodes", nodes * tasks_per_node, tuple(prefix))
+        return Layout(
+            f"{nodes * tasks_per_node} ranks, srun, {nodes} nodes", nodes * tasks_per_node, tuple(prefix), nodes
+        )
 
 
 def worker_env() -> dict[str, str]:

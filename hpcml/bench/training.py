@@ -38,7 +38,7 @@ class Variant:
     input_dim: int
     per_rank_batch: int
     grad_sync: str = "ddp"
-    ddp_transport: str = "auto"
+    transport: str = "auto"
     bucket_mb: float = 25.0
     bucket_view: bool = True
 
@@ -56,7 +56,7 @@ def _trainer(v: Variant, ctx, workdir: Path) -> Trainer:
             steps=10**9,
             global_batch_size=global_batch,
             grad_sync=v.grad_sync,
-            ddp_transport=v.ddp_transport,
+            transport=v.transport,
             ddp_bucket_cap_mb=v.bucket_mb,
             gradient_as_bucket_view=v.bucket_view,
             output_dir=str(workdir),
@@ -135,8 +135,8 @@ def plan(quick: bool) -> dict[int, list[Variant]]:
         for view in (True, False)
         if not (mb == COMM_BOUND.bucket_mb and view == COMM_BOUND.bucket_view)
     ]
-    knobs.append(replace(COMM_BOUND, name="comm-bound transport torch", ddp_transport="torch"))
-    knobs.append(replace(COMM_BOUND, name="comm-bound grad_sync mpi", grad_sync="mpi"))
+    knobs.append(replace(COMM_BOUND, name="comm-bound transport torch", transport="torch"))
+    knobs.append(replace(COMM_BOUND, name="comm-bound grad_sync flat", grad_sync="flat"))
     by_ranks[knob_ranks] = by_ranks[knob_ranks] + knobs
     return by_ranks
 

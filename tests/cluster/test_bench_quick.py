@@ -38,3 +38,4 @@ def test_quick_benchmarks_write_results_and_a_summary(tmp_path):
     allreduce = json.loads((tmp_path / "allreduce.json").read_text())
     # hpcml's DDP path is measured on the transport its probe chose, which must be a real one.
     assert {row["ddp_transport"] for row in allreduce["measurements"]} <= {"torch", "mpi"}
+    assert {row["flat_transport"] for row in allreduce["measurements"]} <= {"torch", "mpi"}

@@ -15,7 +15,7 @@ from helpers import PYTHON, ROOT, TRAIN, attempts, last_logged_step, mpi_env, re
 SLOW = ["train.steps=300", "fault.step_sleep_s=0.05", "checkpoint.every_steps=50"]
 # Independent runs are compared bitwise, so they must sum gradients in the same order: transport=auto
 # probes per run (a resumed run reuses its checkpoint's plan, so resume itself is exact either way).
-SAME_TRANSPORT = "train.ddp_transport=torch"
+SAME_TRANSPORT = "train.transport=torch"
 
 
 def submit(out_dir, *overrides, wait=True):
