@@ -1,6 +1,7 @@
 """`hpcml`: look after sweeps from the login node.
 
 hpcml status outputs/sweeps/<time> [--watch]     one row per trial: state, restarts, step, metrics
+                                                 (--watch: refreshed until every trial has ended)
 hpcml report outputs/sweeps/<time> [--metric test_accuracy --mode max]
 hpcml resume outputs/sweeps/<time>               resubmit only trials that failed or never finished
 """
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 
 from hpcml.errors import HpcmlError
-from hpcml.sweep import TrialStatus, load_sweep, resume_sweep, sweep_status
+from hpcml.sweep import TERMINAL_STATES, TrialStatus, load_sweep, resume_sweep, sweep_status
 
 COLUMNS = ("trial", "overrides", "state", "restarts", "step", "loss", "test_acc", "elapsed", "error")
 
@@ -49,11 +50,15 @@ def render_status(rows: list[TrialStatus]) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.sweep_dir)
     while True:
-        table = render_status(sweep_status(sweep))
+        rows = sweep_status(sweep)
+        table = render_status(rows)
         if not args.watch:
             print(table)
             return 0
         print(f"\033[2J\033[H{time.strftime('%H:%M:%S')}  {sweep.path}\n{table}", flush=True)
+        # A watch that outlives the sweep would hold the terminal for nothing: stop once every trial ended.
+        if all(r.state in TERMINAL_STATES for r in rows):
+            return 0
         time.sleep(args.interval)
 
 
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     verbs = parser.add_subparsers(dest="verb", required=True)
     status = verbs.add_parser("status", help="one row per trial")
     status.add_argument("sweep_dir", type=Path)
-    status.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    status.add_argument("--watch", action="store_true", help="refresh until every trial has ended (or Ctrl-C)")
     status.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes")
     status.set_defaults(run=cmd_status)
     report = verbs.add_parser("report", help="best trial, summary table, plots")

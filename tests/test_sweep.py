@@ -89,6 +89,23 @@ def test_status_table_and_rerun_rule(tmp_path, monkeypatch):
     assert [sw.needs_rerun(r, tmp_path / str(r.num)) for r in rows] == [False, True, False]
 
 
+def test_status_watch_refreshes_until_every_trial_has_ended(tmp_path, monkeypatch, capsys):
+    make_sweep(tmp_path, {0: None, 1: None})
+    polls = iter(
+        [
+            {"90_0": ("RUNNING", "0:10"), "90_1": ("PENDING", "0:00")},
+            {"90_0": ("COMPLETED", "0:20"), "90_1": ("RUNNING", "0:10")},
+            {"90_0": ("COMPLETED", "0:20"), "90_1": ("FAILED", "0:15")},
+        ]
+    )
+    monkeypatch.setattr(sw.slurm, "array_task_states", lambda ids: next(polls))
+    sleeps = []
+    monkeypatch.setattr("hpcml.cli.time.sleep", sleeps.append)
+    assert cli_main(["status", str(tmp_path), "--watch", "--interval", "7"]) == 0
+    assert sleeps == [7.0, 7.0]  # three looks, and none after the last trial ended
+    assert capsys.readouterr().out.rstrip().endswith("2 trials: 1 completed, 1 failed")
+
+
 def test_report_picks_the_best_and_writes_tables_and_plots(tmp_path):
     sweep = make_sweep(tmp_path, {0: 0.81, 1: 0.93, 2: 0.88, 3: None})
     report = write_report(sweep, "test_accuracy", "max")
