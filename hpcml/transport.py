@@ -3,9 +3,10 @@
 Neither wins everywhere on CPU nodes (docs/PERFORMANCE.md): within a node Open MPI's shared memory is
 several times faster than gloo for buffers up to tens of MB, while between nodes gloo's TCP rings beat
 Open MPI's TCP path. So with `train.transport=auto` the ranks time both on the buffer sizes their
-gradients are reduced in (DDP's buckets, or the one flat buffer), once per job, and each size takes the faster. The timings are maxed
-over ranks by an all-reduce, so every rank makes the same choice. The plan is saved in checkpoints and
-reused on resume at the same world size: the summation order, and so bitwise-exact resume, survives.
+gradients are reduced in (DDP's buckets, or the one flat buffer), once per job, and each size takes the
+faster. The timings are maxed over ranks by an all-reduce, so every rank makes the same choice. The plan
+is saved in checkpoints and reused on resume at the same world size: the summation order, and so
+bitwise-exact resume, survives.
 """
 
 from __future__ import annotations

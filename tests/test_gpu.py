@@ -1,6 +1,6 @@
 """The GPU path on a real GPU: NCCL chosen and used, data and model on the device, exact resume (sync and
-async saves of GPU state), the MPI gradient path through pinned host memory, and a clear refusal when
-ranks would share a GPU. Skipped where no CUDA device is visible (CI has none); docs/PERFORMANCE.md
+async saves of GPU state), the flat gradient path over NCCL and over MPI through pinned host memory, and
+a clear refusal when ranks would share a GPU. Skipped where no CUDA device is visible (CI has none); docs/PERFORMANCE.md
 records the GPU they last ran on.
 """
 
@@ -39,6 +39,18 @@ def test_auto_backend_trains_on_the_gpu_with_nccl(gpu_ctx, tmp_path):
     result = trainer.fit().result
     assert result.backend == "nccl"
     assert result.test_accuracy > 0.9
+
+
+def test_the_flat_path_reduces_its_gpu_buffer_with_nccl(gpu_ctx, tmp_path):
+    """train.grad_sync=flat with transport=auto: one NCCL all-reduce of the GPU buffer, no host staging."""
+    from hpcml.gradsync import FlatGradientSync
+
+    cfg = config(tmp_path, steps=200)
+    cfg.train.grad_sync = "flat"
+    trainer = Trainer(cfg, gpu_ctx)
+    assert isinstance(trainer.sync, FlatGradientSync) and trainer.sync.selector.requested == "torch"
+    assert trainer.sync.flat_grad.is_cuda and trainer.sync.host is trainer.sync.flat_grad
+    assert trainer.fit().result.test_accuracy > 0.9
 
 
 def test_interrupted_gpu_runs_resume_bitwise(gpu_ctx, tmp_path):
