@@ -21,5 +21,9 @@ class SubmissionError(HpcmlError):
     """Slurm refused the job, or the cluster lacks what the config asks for."""
 
 
+class CollectiveTimeout(HpcmlError):
+    """Some rank did not reach a collective in time: it is stuck, or died without taking the job down."""
+
+
 class DataError(HpcmlError):
     """The training data is missing or not in the expected format."""

@@ -6,10 +6,14 @@ mpi4py is imported lazily so that single-process and torchrun runs never initial
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import time
 from typing import Any
 
 import numpy as np
+
+from hpcml.errors import CollectiveTimeout
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,6 +56,23 @@ class MPIWorld:
     def allreduce_sum_(self, buffer: np.ndarray) -> None:
         """Sum `buffer` over all ranks, in place (no temporary copy)."""
         self.comm.Allreduce(_mpi().IN_PLACE, buffer, op=_mpi().SUM)
+
+    def allreduce_max_(self, buffer: np.ndarray, timeout_s: float, what: str) -> None:
+        """Elementwise max of `buffer` over all ranks, in place; raises CollectiveTimeout after `timeout_s`.
+
+        MPI's blocking collectives wait forever for a stuck peer, so this one is started nonblocking and
+        polled against a deadline. Each poll yields the core: ranks may share cores with the one they wait for.
+        """
+        request = self.comm.Iallreduce(_mpi().IN_PLACE, buffer, op=_mpi().MAX)
+        deadline = time.monotonic() + timeout_s
+        while not request.Test():
+            if time.monotonic() > deadline:
+                raise CollectiveTimeout(
+                    f"rank {self.rank}: not every rank of {self.size} reached {what} within {timeout_s:g} s "
+                    "(train.dist_timeout_s): a rank is stuck or died, and its log says where. Raise "
+                    "train.dist_timeout_s if that really takes so long."
+                )
+            os.sched_yield()  # not time.sleep(0): Linux's timer slack makes that a 50 us nap per poll
 
     def allreduce_max(self, value: float) -> float:
         """The largest of one number over all ranks, on every rank."""

@@ -15,10 +15,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from hpcml import early_signals
+from hpcml import early_signals, mpi
 from hpcml.early_signals import parse_signal  # noqa: F401  (part of this module's interface)
 
 
@@ -107,6 +108,10 @@ class StopCoordinator:
     device: torch.device
     world_size: int
     is_main: bool
+    # With an MPI world the flags go over MPI: about 1 us per step against gloo's 200 us (2 ranks, one node),
+    # and no device synchronise on GPUs. Polled against the same timeout torch.distributed's collectives have.
+    over_mpi: bool = False
+    timeout_s: float = 300.0
 
     def local_reason(self, save_estimate_s: float, step_estimate_s: float) -> StopReason:
         if self.guard.received is not None:
@@ -120,6 +125,10 @@ class StopCoordinator:
         reason = self.local_reason(save_estimate_s, step_estimate_s)
         if self.world_size == 1:
             return BoundaryDecision(reason, save_due)
+        if self.over_mpi:
+            wanted = np.array([int(reason), int(save_due)], dtype=np.int32)
+            mpi.world().allreduce_max_(wanted, self.timeout_s, what="the step-boundary stop agreement")
+            return BoundaryDecision(StopReason(int(wanted[0])), bool(wanted[1]))
         flags = torch.tensor([int(reason), int(save_due)], dtype=torch.int32, device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return BoundaryDecision(StopReason(int(flags[0])), bool(flags[1]))

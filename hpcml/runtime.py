@@ -113,13 +113,19 @@ def requeue_or_stop(cfg: TrainJobConfig, reason: StopReason) -> int:
     return EXIT_REQUEUED
 
 
-def _stop_coordinator(cfg: TrainJobConfig, ctx: DistributedContext, guard: PreemptionGuard) -> StopCoordinator:
+def stop_coordinator(cfg: TrainJobConfig, ctx: DistributedContext, guard: PreemptionGuard) -> StopCoordinator:
     end_time = None
     job_id = slurm.current_job_id(dict(os.environ))
     if ctx.is_main and job_id is not None:
         end_time = slurm.job_end_time(job_id)
     return StopCoordinator(
-        guard, Deadline(end_time, cfg.preempt.deadline_margin_s), ctx.device, ctx.world_size, ctx.is_main
+        guard,
+        Deadline(end_time, cfg.preempt.deadline_margin_s),
+        ctx.device,
+        ctx.world_size,
+        ctx.is_main,
+        over_mpi=ctx.uses_mpi,
+        timeout_s=cfg.train.dist_timeout_s,
     )
 
 
@@ -145,7 +151,7 @@ def run_training(cfg: TrainJobConfig) -> int:
             )
             if ctx.is_main:
                 record_job(Path(cfg.train.output_dir))
-            outcome = Trainer(cfg, ctx, _stop_coordinator(cfg, ctx, guard)).fit()
+            outcome = Trainer(cfg, ctx, stop_coordinator(cfg, ctx, guard)).fit()
             if outcome.stopped is StopReason.NONE:
                 code = EXIT_OK
             else:

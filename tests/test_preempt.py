@@ -157,3 +157,36 @@ def test_a_warning_during_start_up_is_remembered(monkeypatch):
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+
+
+AGREE_SCRIPT = """
+import os, sys, time
+import numpy as np
+from hpcml import mpi
+from hpcml.errors import CollectiveTimeout
+world = mpi.world()
+flags = np.array([world.rank, 1 - world.rank], dtype=np.int32)
+world.allreduce_max_(flags, timeout_s=30, what="the first agreement")
+print(f"rank {world.rank} agreed {flags.tolist()}", flush=True)
+if world.rank == 1:
+    time.sleep(3)  # stuck, as far as rank 0 can tell
+try:
+    world.allreduce_max_(flags, timeout_s=0.5, what="the second agreement")
+except CollectiveTimeout as err:
+    print(err, flush=True)
+    os._exit(3)  # as a failed rank does (MPI_Finalize with a request in flight could wait for ever)
+"""
+
+
+@pytest.mark.mpi
+def test_the_mpi_stop_agreement_maxes_flags_and_times_out_instead_of_hanging():
+    import subprocess
+
+    from helpers import PYTHON, ROOT, mpi_env
+
+    cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", "2", PYTHON, "-c", AGREE_SCRIPT]
+    done = subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=120)
+    assert "rank 0 agreed [1, 1]" in done.stdout and "rank 1 agreed [1, 1]" in done.stdout, done.stderr
+    # Rank 0 gave up after half a second instead of waiting; its exit then ends the job (as in training).
+    assert "rank 0: not every rank of 2 reached the second agreement within 0.5 s" in done.stdout
+    assert done.returncode != 0

@@ -4,7 +4,9 @@ Each variant builds a real `Trainer` on a synthetic problem and times `train_ste
 forward, backward with gradient sync, optimizer step) against the same step without gradient sync
 (DDP's `no_sync()`, or the MPI path's all-reduce skipped), in alternating blocks. So every rank count
 gives samples/s, the share of the step spent waiting on communication (1 - local / synced), and,
-against one rank, the scaling efficiency. The per-rank batch is fixed (weak scaling), as data-parallel
+against one rank, the scaling efficiency. The two main variants also time the loop's whole step: the
+step plus the step-boundary stop agreement every rank makes (over MPI under an MPI launcher, as in
+training), against the same agreement over torch.distributed. The per-rank batch is fixed (weak scaling), as data-parallel
 jobs usually grow. Two model sizes: compute-bound (wide batch, small model) and communication-bound
 (big model, small batch); the latter also sweeps DDP's bucket size and gradient-as-bucket-view, and
 hpcml's transport choice against DDP's built-in gloo path.
@@ -26,6 +28,8 @@ from hpcml.bench.record import BenchResult, Figure
 from hpcml.config import DataConfig, ModelConfig, TrainConfig, TrainJobConfig
 from hpcml.dist import setup_distributed, teardown_distributed
 from hpcml.env import detect_environment
+from hpcml.preempt import PreemptionGuard
+from hpcml.runtime import stop_coordinator
 from hpcml.trainer import Trainer
 from hpcml.transport import iterations_for, mean_time
 
@@ -62,7 +66,7 @@ def _trainer(v: Variant, ctx, workdir: Path) -> Trainer:
             output_dir=str(workdir),
         ),
     )
-    trainer = Trainer(cfg, ctx)
+    trainer = Trainer(cfg, ctx, stop_coordinator(cfg, ctx, PreemptionGuard([])))
     x, y = trainer._batch(0)
     trainer.sync.settle(lambda module: torch.nn.functional.cross_entropy(module(x), y))
     return trainer
@@ -95,13 +99,35 @@ def measure(v: Variant, ctx, budget_s: float, rounds: int, workdir: Path) -> dic
         with _without_sync(trainer) if ctx.world_size > 1 else nullcontext():
             trainer.train_step()
 
+    ops = {"synced": synced, "local": local}
+    if v.name in (COMPUTE_BOUND.name, COMM_BOUND.name) and ctx.world_size > 1:
+        over_mpi, over_torch = trainer.stop, replace(trainer.stop, over_mpi=False)
+
+        def loop_with(stop):
+            def loop() -> None:
+                trainer.stop = stop
+                trainer.train_step()
+                trainer._at_boundary()
+
+            return loop
+
+        ops.update(loop=loop_with(over_mpi), loop_torch_agreement=loop_with(over_torch))
     iters = iterations_for(synced, budget_s)
-    best_synced = best_local = float("inf")
+    best = {name: float("inf") for name in ops}
     for _ in range(rounds):
-        best_synced = min(best_synced, mean_time(synced, iters, warmup=0))
-        best_local = min(best_local, mean_time(local, iters, warmup=0))
+        for name, op in ops.items():
+            best[name] = min(best[name], mean_time(op, iters, warmup=0))
+    best_synced, best_local = best["synced"], best["local"]
+    loop = {}
+    if "loop" in best:
+        loop = {
+            "loop_step_s": best["loop"],
+            "loop_torch_agreement_step_s": best["loop_torch_agreement"],
+            "agreement_over_mpi": ctx.uses_mpi,
+        }
     params = sum(p.numel() for p in trainer.model.parameters())
     return {
+        **loop,
         **asdict(v),
         "ranks": ctx.world_size,
         "params": params,
@@ -154,6 +180,20 @@ def figures_for(rows: list[dict]) -> list[Figure]:
                     r["samples_per_s"],
                     f"{r['ranks']} x 1 rank",
                     r["ranks"] * single[r["name"]]["samples_per_s"],
+                    higher_is_better=True,
+                )
+            )
+    for r in rows:
+        if "loop_step_s" in r:
+            batch = r["per_rank_batch"] * r["ranks"]
+            figures.append(
+                Figure(
+                    "training",
+                    f"{r['name']} loop step (step + stop agreement), {r['ranks']} ranks",
+                    "samples/s",
+                    batch / r["loop_step_s"],
+                    "agreement over torch.distributed",
+                    batch / r["loop_torch_agreement_step_s"],
                     higher_is_better=True,
                 )
             )
