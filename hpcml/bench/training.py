@@ -2,12 +2,12 @@
 
 Each variant builds a real `Trainer` on a synthetic problem and times `train_step()` (data slice,
 forward, backward with gradient sync, optimizer step) against the same step without gradient sync
-(DDP's `no_sync()`, or the MPI path's all-reduce skipped), in alternating blocks. So every rank count
+(DDP's `no_sync()`, or the flat path's all-reduce skipped), in alternating blocks. So every rank count
 gives samples/s, the share of the step spent waiting on communication (1 - local / synced), and,
 against one rank, the scaling efficiency. The two main variants also time the loop's whole step: the
 step plus the step-boundary stop agreement every rank makes (over MPI under an MPI launcher, as in
-training), against the same agreement over torch.distributed. The per-rank batch is fixed (weak scaling), as data-parallel
-jobs usually grow. Two model sizes: compute-bound (wide batch, small model) and communication-bound
+training), against the same agreement over torch.distributed. The per-rank batch is fixed (weak
+scaling), as data-parallel jobs usually grow. Two model sizes: compute-bound (wide batch, small model) and communication-bound
 (big model, small batch); the latter also sweeps DDP's bucket size and gradient-as-bucket-view, and
 hpcml's transport choice against DDP's built-in gloo path.
 """
