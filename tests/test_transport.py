@@ -1,14 +1,30 @@
-"""Choosing the all-reduce transport: the size ladder, the nearest-size lookup, and when auto means torch."""
+"""Choosing the all-reduce transport: the size ladder, the nearest-size lookup, when the probe may stop early,
+and when auto means torch."""
+
+import itertools
+import random
+import statistics
 
 import pytest
 import torch
 
+from hpcml import transport
 from hpcml.config import TrainConfig
 from hpcml.dist import DistributedContext
 from hpcml.env import ProcessPlacement
 from hpcml.errors import ConfigError
 from hpcml.gradsync import NoGradientSync, make_gradient_sync, resolve_transport
-from hpcml.transport import AUTO, MPI, SMALLEST_PROBE_BYTES, TORCH, TransportPlan, TransportSelector, probe_sizes
+from hpcml.transport import (
+    AUTO,
+    MPI,
+    SMALLEST_PROBE_BYTES,
+    TORCH,
+    TransportPlan,
+    TransportSelector,
+    probe,
+    probe_sizes,
+    settled_choice,
+)
 
 MB = 1 << 20
 
@@ -31,6 +47,62 @@ def test_a_bucket_takes_the_choice_of_the_nearest_probed_size():
     assert plan.for_bytes(8 * MB) == TORCH
     assert plan.for_bytes(1 << 30) == TORCH
     assert TransportPlan.from_state(plan.as_state()) == plan
+
+
+def full_choice(per_round: dict[str, list[float]]) -> str:
+    """The choice once every round has run: the lower median, ties to torch."""
+    return MPI if statistics.median(per_round[MPI]) < statistics.median(per_round[TORCH]) else TORCH
+
+
+@pytest.mark.parametrize("rounds", [1, 2, 3, 4, 5])
+def test_the_probe_stops_early_only_when_the_rounds_to_come_cannot_change_its_choice(rounds):
+    rng = random.Random(rounds)
+    stopped_early = 0
+    for _ in range(3000):
+        # Few distinct values, so ties and near-ties are common, as between noisy transports.
+        times = {name: [rng.choice([1.0, 2.0, 3.0, 5.0, 20.0]) for _ in range(rounds)] for name in (TORCH, MPI)}
+        final = full_choice(times)
+        assert settled_choice(times, rounds) == final
+        assert settled_choice({TORCH: [], MPI: []}, rounds) is None
+        for done in range(1, rounds):
+            early = settled_choice({name: t[:done] for name, t in times.items()}, rounds)
+            assert early in (None, final), (times, done)
+            stopped_early += early is not None
+    # With 2 rounds the second can always move a mean of two: no early stop there.
+    assert (stopped_early > 0) == (rounds > 2)
+
+
+def test_a_clear_winner_settles_in_two_rounds_of_three_and_a_near_tie_takes_all_three():
+    assert settled_choice({TORCH: [5.0, 6.0], MPI: [1.0, 1.2]}, 3) == MPI
+    assert settled_choice({TORCH: [1.0, 1.1], MPI: [1.2, 1.0]}, 3) is None
+    assert settled_choice({TORCH: [1.0, 1.0, 1.1, 1.0], MPI: [5.0, 5.0, 5.0, 0.1]}, 5) == TORCH  # 3 of 5 above
+
+
+def test_probe_runs_rounds_until_the_choice_is_settled(monkeypatch):
+    """The probe's loop, with the timed all-reduces replaced by scripted maxed times."""
+    scripted = {
+        64 << 10: {TORCH: iter([9.0, 9.0, 9.0]), MPI: iter([1.0, 1.0, 1.0])},  # settles after 2 rounds
+        MB: {TORCH: iter([1.0, 3.0, 2.0]), MPI: iter([2.0, 1.0, 1.5])},  # needs all 3: medians 2.0 vs 1.5
+    }
+    calls = itertools.count()
+
+    def fake_mean_time(op, iters, warmup=1):
+        next(calls)
+        return op()
+
+    class World:
+        @staticmethod
+        def allreduce_sum_(array):
+            return next(scripted[array.nbytes][MPI])
+
+    monkeypatch.setattr(transport.mpi, "world", lambda: World)
+    monkeypatch.setattr(transport, "iterations_for", lambda op, budget_s: 1)
+    monkeypatch.setattr(transport, "mean_time", fake_mean_time)
+    monkeypatch.setattr(transport.dist, "all_reduce", lambda t: next(scripted[t.numel() * 4][TORCH]))
+    plan, timings = probe([64 << 10, MB], rounds=3)
+    assert plan.choices == {64 << 10: MPI, MB: MPI}
+    assert [t["rounds"] for t in timings] == [2, 3]
+    assert next(calls) == 2 * 2 + 3 * 2
 
 
 @pytest.mark.parametrize(
