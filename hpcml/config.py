@@ -7,9 +7,11 @@ dataclasses, which runs every check, on the login node, before anything reaches 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -326,9 +328,16 @@ def _schema() -> DictConfig:
 
 def validate(cfg: DictConfig | dict[str, Any]) -> TrainJobConfig:
     """Resolve and check a config; every problem comes back as one ConfigError naming the key."""
-    try:
+    with _as_config_errors():
         merged = OmegaConf.merge(_schema(), cfg)
         return OmegaConf.to_object(merged)  # builds the dataclasses, which runs every __post_init__
+
+
+@contextlib.contextmanager
+def _as_config_errors() -> Iterator[None]:
+    """OmegaConf's errors (a wrong type, an unknown key) and our checks' own, as one ConfigError."""
+    try:
+        yield
     except ConfigError:
         raise
     except OmegaConfBaseException as err:
@@ -336,6 +345,29 @@ def validate(cfg: DictConfig | dict[str, Any]) -> TrainJobConfig:
         if isinstance(cause, ConfigError):
             raise cause from None
         raise ConfigError(f"invalid config: {err}") from err
+
+
+_SECTIONS = tuple(f.name for f in fields(TrainJobConfig))
+
+
+def with_values(cfg: TrainJobConfig, values: dict[str, Any]) -> TrainJobConfig:
+    """`cfg` with the dotted keys in `values` set, checked as `validate` checks them: each touched section
+    is rebuilt through its own schema (type conversion, its __post_init__), then the whole config's checks
+    run again. A sweep's trials differ from the first in a value or two; re-validating all of every trial
+    cost 3-4 ms each, this about 1 ms. A bad value raises ConfigError naming its key."""
+    sections: dict[str, DictConfig] = {}
+    with _as_config_errors():
+        for key, value in values.items():
+            section, _, rest = key.partition(".")
+            if not rest or section not in _SECTIONS:
+                raise ConfigError(f"{key}: not a key of a config section ({', '.join(_SECTIONS)}), e.g. optim.lr.")
+            if section not in sections:
+                sections[section] = OmegaConf.structured(getattr(cfg, section))
+            try:
+                OmegaConf.update(sections[section], rest, value, merge=True)
+            except OmegaConfBaseException as err:  # named by its key in the section: say the whole key
+                raise ConfigError(f"{key}={value!r}: {str(err).splitlines()[0]}") from None
+        return replace(cfg, **{name: OmegaConf.to_object(node) for name, node in sections.items()})
 
 
 def to_plain_dict(cfg: TrainJobConfig) -> dict[str, Any]:

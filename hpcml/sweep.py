@@ -13,6 +13,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import yaml
+
 from hpcml import launch, slurm
 from hpcml.config import TrainJobConfig, to_plain_dict, validate
 from hpcml.errors import HpcmlError
@@ -22,6 +24,8 @@ from hpcml.outputs import JOB_RECORD, RESULT_FILE
 
 SWEEP_FILE = "sweep.json"
 TRIAL_CONFIG = "trial_config.json"
+# libyaml's emitter where PyYAML was built with it: OmegaConf's pure-Python one took 1.8 ms a trial.
+_YamlDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 # Slurm states after which a trial will not run again by itself.
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
@@ -107,10 +111,13 @@ def plan_arrays(configs: list[TrainJobConfig], limit: int) -> list[list[int]]:
 
 
 def write_trial_files(sweep_dir: Path, trial: Trial, cfg: TrainJobConfig) -> None:
+    """The trial's resolved config: as JSON for `hpcml resume`, as YAML and its overrides for people."""
     trial_dir = sweep_dir / trial.dir
     trial_dir.mkdir(parents=True, exist_ok=True)
     plain = to_plain_dict(cfg)
     write_atomically(trial_dir / TRIAL_CONFIG, lambda f: f.write(json.dumps(plain, indent=2).encode()))
+    (trial_dir / "config.yaml").write_text(yaml.dump(plain, Dumper=_YamlDumper, sort_keys=False))
+    (trial_dir / "overrides.yaml").write_text(yaml.dump(trial.overrides, Dumper=_YamlDumper))
 
 
 def submit_trials(sweep: Sweep, trials: list[Trial], configs: list[TrainJobConfig], dry_run: bool = False) -> list[str]:

@@ -7,8 +7,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from hpcml.config import register_configs, register_resolvers
-from hydra_plugins.hpcml_launcher.launcher import derive_trial_config
+from hpcml.config import register_configs, register_resolvers, validate, with_values
+from hpcml.errors import ConfigError
+from hydra_plugins.hpcml_launcher.launcher import HpcmlLauncher, derive_trial_config
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,96 @@ def test_a_derived_trial_config_is_the_one_hydra_composes(composed, first, other
 )
 def test_anything_but_new_values_for_the_same_plain_keys_goes_back_to_hydra(composed, first, other):
     assert derive_trial_config(composed(first), parse(first), parse(other)) is None
+
+
+class ComposeLikeHydra:
+    """The launcher's view of Hydra: its config loader composes a trial from its overrides and the
+    command line's hydra.* overrides, which are not the trial's own."""
+
+    def __init__(self, composed, hydra_overrides):
+        self.config_loader = self
+        self.composed = composed
+        self.hydra_overrides = hydra_overrides
+        self.compositions = 0
+
+    def load_sweep_config(self, master_config, overrides):
+        self.compositions += 1
+        return self.composed([*overrides, *self.hydra_overrides])
+
+
+def launcher_for(composed, sweep_dir, hydra_overrides=()):
+    hydra_overrides = [*hydra_overrides, f"hydra.sweep.dir={sweep_dir}"]
+    launcher = HpcmlLauncher()
+    hydra = ComposeLikeHydra(composed, hydra_overrides)
+    launcher.setup(hydra_context=hydra, task_function=None, config=composed(hydra_overrides))
+    return launcher, hydra
+
+
+# name: (hydra.* overrides, overrides every trial has, swept keys, whether the values alone decide a trial)
+SWEEPS = {
+    "plain values": ([], ["cluster=local", "optim=adam"], ["optim.lr", "train.seed"], True),
+    "values of several kinds": ([], [], ["cluster.partition", "launch.objective", "checkpoint.async_save"], True),
+    "subdir from hydra.job": (["hydra.sweep.subdir=${hydra.job.override_dirname}"], [], ["optim.lr"], True),
+    "subdir from a task key": (["hydra.sweep.subdir=lr_${optim.lr}"], [], ["optim.lr"], False),
+    "a task value reads a swept one": ([], ["model.depth=${train.seed}"], ["train.seed"], False),
+}
+VALUES = {
+    "optim.lr": ["0.1", "0.001", "3e-4"],
+    "train.seed": ["1", "7", "2"],
+    "cluster.partition": ["gpu", "null", "'debug'"],
+    "launch.objective": ["final_loss", "'test_accuracy'", "final_loss"],
+    "checkpoint.async_save": ["true", "false", "true"],
+}
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_trial_of_a_sweep_is_what_hydra_composes_and_validates(composed, tmp_path, name):
+    """Trials derived from the first (from its validated config where the new values alone decide, from its
+    composed config elsewhere) get the same config and directory as composing each with Hydra."""
+    hydra_overrides, shared, swept, values_alone = SWEEPS[name]
+    trials = [[*shared, *(f"{key}={VALUES[key][i]}" for key in swept)] for i in range(3)]
+    sweep_dir = tmp_path / "sweep"
+    launcher, hydra = launcher_for(composed, sweep_dir, hydra_overrides)
+    derived = [launcher._trial(overrides, num) for num, overrides in enumerate(trials)]
+    for num, overrides in enumerate(trials):
+        alone, _ = launcher_for(composed, sweep_dir, hydra_overrides)  # a fresh launcher composes its first trial
+        assert derived[num] == alone._trial(overrides, num)
+    assert hydra.compositions == 1  # the first trial; the rest were derived
+    assert (launcher._template.config is not None) == values_alone
+    assert derived[0][0] != derived[1][0] and derived[0][1].parent == sweep_dir
+
+
+@pytest.mark.parametrize("bad", ["train.steps=0", "train.steps=many"])
+def test_a_bad_value_in_a_derived_trial_gets_the_error_composing_it_gets(composed, tmp_path, bad):
+    launcher, _ = launcher_for(composed, tmp_path)
+    launcher._trial(["train.steps=5"], 0)
+    assert launcher._template.config is not None
+    with pytest.raises(Exception) as derived:
+        launcher._trial([bad], 1)
+    alone, _ = launcher_for(composed, tmp_path)
+    with pytest.raises(Exception) as composed_whole:
+        alone._trial([bad], 1)
+    assert type(derived.value) is type(composed_whole.value)
+    assert str(derived.value) == str(composed_whole.value)
+    if bad == "train.steps=0":
+        assert isinstance(derived.value, ConfigError) and str(derived.value) == "train.steps=0 must be 1 or more."
+
+
+def test_with_values_checks_what_validate_checks():
+    base = validate(OmegaConf.create({}))
+    changed = with_values(base, {"optim.lr": "0.5", "train.seed": 3, "cluster.env.A": "1"})
+    expected = validate(OmegaConf.create({"optim": {"lr": 0.5}, "train": {"seed": 3}, "cluster": {"env": {"A": "1"}}}))
+    assert changed == expected and base.optim.lr != 0.5  # the template is not touched
+    for values, message in [
+        ({"train.steps": "many"}, "train.steps='many': Value 'many' of type 'str' could not be converted to Integer"),
+        ({"train.nokey": 1}, "train.nokey=1: Key 'nokey' not in 'TrainConfig'"),
+        ({"optim.lr": -1}, "optim.lr=-1.0 must be positive."),
+        ({"seed": 1}, "seed: not a key of a config section"),
+        # The whole config's own checks run too, not just the section's.
+        ({"cluster.submit": True, "cluster.nodes": 3}, "train.global_batch_size=64 does not split evenly"),
+    ]:
+        with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(".", r"\.")):
+            with_values(base, values)
 
 
 def test_the_login_node_side_never_imports_torch():
