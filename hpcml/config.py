@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
+import signal
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -28,6 +29,16 @@ DATASETS = ("digits", "synthetic", "npz")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 RESUME_MODES = ("auto", "none")
+
+
+def parse_signal(name: str) -> signal.Signals:
+    """USR2, SIGUSR2 or usr2 -> signal.SIGUSR2; ValueError for a name that is not a signal."""
+    text = name.upper()
+    text = text if text.startswith("SIG") else f"SIG{text}"
+    try:
+        return signal.Signals[text]
+    except KeyError:
+        raise ValueError(f"unknown signal {name!r}") from None
 
 
 def _require(ok: bool, message: str) -> None:
@@ -65,6 +76,9 @@ class ClusterConfig:
     setup: list[str] = field(default_factory=list)
     # Environment for every rank; OMP_NUM_THREADS=1 stops ranks sharing a node from oversubscribing it.
     env: dict[str, str] = field(default_factory=lambda: {"OMP_NUM_THREADS": "1"})
+    # A step whose ranks die before they form their world, with no error from the job's config or code (an
+    # MPI start-up crash), is relaunched in the same allocation up to this many times (batch_shell.sh).
+    startup_retries: int = 2
 
     def __post_init__(self) -> None:
         _require(
@@ -89,6 +103,9 @@ class ClusterConfig:
         _require(
             self.tasks_per_node >= 1,
             f"cluster.tasks_per_node={self.tasks_per_node}: each node runs at least 1 rank; set it to 1 or more.",
+        )
+        _require(
+            self.startup_retries >= 0, f"cluster.startup_retries={self.startup_retries} cannot be negative (0: never)."
         )
         _require(self.cpus_per_task >= 1, f"cluster.cpus_per_task={self.cpus_per_task} must be 1 or more.")
         _require(self.gpus_per_node >= 0, f"cluster.gpus_per_node={self.gpus_per_node} cannot be negative.")
@@ -264,8 +281,6 @@ class PreemptConfig:
     deadline_margin_s: float = 30.0
 
     def __post_init__(self) -> None:
-        from hpcml.early_signals import parse_signal
-
         try:
             sig = parse_signal(self.signal)
         except ValueError:
@@ -375,40 +390,3 @@ def to_plain_dict(cfg: TrainJobConfig) -> dict[str, Any]:
     only plain values, so dataclasses.asdict gives what OmegaConf would, about 100x faster: it runs
     twice per trial of a sweep.)"""
     return asdict(cfg)
-
-
-def _launcher_rank(environ: dict[str, str] | None = None) -> int:
-    """This process's rank as its launcher set it, read before MPI or torch are up (0 when alone)."""
-    from hpcml.env import detect_environment
-
-    return detect_environment(environ).placement().rank
-
-
-def run_stamp() -> str:
-    """A timestamp naming this run's directory, the same on every rank.
-
-    Under mpirun each rank runs Hydra itself; rank clocks may straddle a second, so rank 0's stamp is
-    broadcast over MPI (which the runtime would initialise moments later anyway).
-    """
-    import time
-
-    from hpcml.env import detect_environment
-
-    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    env = detect_environment()
-    if env.uses_mpi and env.placement().world_size > 1:
-        from hpcml import mpi
-
-        stamp = mpi.world().broadcast(stamp)
-    return stamp
-
-
-def hydra_output_subdir() -> str | None:
-    """Only rank 0 writes Hydra's .hydra/ folder; N ranks writing one file would interleave it."""
-    return ".hydra" if _launcher_rank() == 0 else None
-
-
-def register_resolvers() -> None:
-    for name, fn in (("hpcml_run_stamp", run_stamp), ("hpcml_hydra_subdir", hydra_output_subdir)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn, use_cache=True)

@@ -1,5 +1,7 @@
 """Every error hpcml raises on purpose: one class per kind of problem, each message says the fix."""
 
+import sys
+
 
 class HpcmlError(Exception):
     """Base class: something a user can act on, described in the message."""
@@ -27,3 +29,13 @@ class CollectiveTimeout(HpcmlError):
 
 class DataError(HpcmlError):
     """The training data is missing or not in the expected format."""
+
+
+# The exit status of a command refused for bad input (a config, a path, a cluster that lacks something).
+EXIT_BAD_INPUT = 2
+
+
+def report_error(err: HpcmlError) -> int:
+    """How every entry point ends on an HpcmlError: one line naming the problem and the fix, no traceback."""
+    print(f"error: {err}", file=sys.stderr)
+    return EXIT_BAD_INPUT

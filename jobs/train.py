@@ -9,21 +9,24 @@
 Any key in conf/ can be overridden: `optim.lr=0.01 model.width=128 train.steps=500`.
 """
 
-# First of all: inside a job, importing hpcml starts recording early warning signals (hpcml.early_signals).
-import hpcml  # noqa: F401
+# ruff: noqa: E402  (the signal recorder goes in before the slow imports)
+
+# First of all: a stop signal that reaches a starting rank is recorded, not fatal (no-op on a login node).
+from hpcml.compute import early_signals
+
+early_signals.install_if_launched()
 
 # isort: split
-import json
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from hpcml.config import register_configs, register_resolvers, validate
-from hpcml.errors import HpcmlError
-from hpcml.outputs import RESULT_FILE
-from hpcml.sweep import objective
+from hpcml.compute import step_record
+from hpcml.compute.run_dir import register_resolvers
+from hpcml.config import register_configs, validate
+from hpcml.errors import HpcmlError, report_error
+from hpcml.outputs import objective, read_objective
 
 register_configs()
 register_resolvers()
@@ -34,8 +37,12 @@ def main(cfg: DictConfig) -> float | None:
     """Returns the run's objective (launch.objective from result.json), which optimizing sweepers read."""
     try:
         job_config = validate(cfg)
+    except HpcmlError as err:
+        step_record.mark_user_error()  # under sbatch/train.sbatch: a config error is not retried
+        sys.exit(report_error(err))
+    try:
         if job_config.cluster.submit:
-            from hpcml.launch import submit, wait_for
+            from hpcml.login.launch import submit, wait_for
 
             job = submit(job_config)
             if job is not None and job_config.launch.wait:
@@ -47,20 +54,14 @@ def main(cfg: DictConfig) -> float | None:
                 )
                 return objective(result, job_config.launch.objective)
             return None
-        from hpcml.runtime import run_training
+        from hpcml.compute.runtime import run_training
 
         code = run_training(job_config)
         if code != 0:
             sys.exit(code)  # a stopped or failed rank: its documented exit status
-        result_path = Path(job_config.train.output_dir) / RESULT_FILE
-        return (
-            objective(json.loads(result_path.read_text()), job_config.launch.objective)
-            if result_path.exists()
-            else None
-        )
+        return read_objective(job_config.train.output_dir, job_config.launch.objective)
     except HpcmlError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(report_error(err))
 
 
 if __name__ == "__main__":

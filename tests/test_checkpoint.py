@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from hpcml import checkpoint as ckpt
+from hpcml.compute import checkpoint as ckpt
 from hpcml.fileio import CHECKSUMS, digest_of
 
 CPU = torch.device("cpu")

@@ -3,7 +3,8 @@ from helpers import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from hpcml.config import ClusterConfig, TrainJobConfig, register_configs, register_resolvers, validate
+from hpcml.compute.run_dir import register_resolvers
+from hpcml.config import ClusterConfig, TrainJobConfig, register_configs, validate
 from hpcml.errors import ConfigError
 
 register_configs()

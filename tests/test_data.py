@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
+from hpcml.compute.data import GlobalBatchStream, load_dataset, on_device
 from hpcml.config import DataConfig
-from hpcml.data import GlobalBatchStream, load_dataset, on_device
 from hpcml.errors import ConfigError, DataError
 
 
@@ -70,7 +70,7 @@ def test_digits_read_from_the_csv_equal_scikit_learns_loader():
     """hpcml reads the CSV that load_digits reads, without importing sklearn (0.9 s of start-up)."""
     from sklearn.datasets import load_digits
 
-    from hpcml.data import _digits
+    from hpcml.compute.data import _digits
 
     x, y = _digits()
     bunch = load_digits()

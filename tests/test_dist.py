@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hpcml.dist import gpu_sharing_ranks, make_store, select_backend, select_device
-from hpcml.env import ProcessPlacement, SingleProcessEnvironment, TorchrunEnvironment
+from hpcml.compute.dist import gpu_sharing_ranks, make_store, select_backend, select_device
+from hpcml.compute.env import ProcessPlacement, SingleProcessEnvironment, TorchrunEnvironment
 from hpcml.errors import ConfigError, RendezvousError
 
 ONE = ProcessPlacement(0, 1, 0, 1, 0, 1)

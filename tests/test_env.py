@@ -1,6 +1,6 @@
 import pytest
 
-from hpcml.env import (
+from hpcml.compute.env import (
     OpenMPIEnvironment,
     PMIEnvironment,
     ProcessPlacement,

@@ -12,9 +12,9 @@ import torch.distributed as dist
 from helpers import PYTHON, ROOT, TRAIN, mpi_env, read_result, run_train
 from test_resume import config, run_interrupted
 
-from hpcml.dist import setup_distributed, teardown_distributed
-from hpcml.env import SingleProcessEnvironment
-from hpcml.trainer import Trainer
+from hpcml.compute.dist import setup_distributed, teardown_distributed
+from hpcml.compute.env import SingleProcessEnvironment
+from hpcml.compute.trainer import Trainer
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,7 +43,7 @@ def test_auto_backend_trains_on_the_gpu_with_nccl(gpu_ctx, tmp_path):
 
 def test_the_flat_path_reduces_its_gpu_buffer_with_nccl(gpu_ctx, tmp_path):
     """train.grad_sync=flat with transport=auto: one NCCL all-reduce of the GPU buffer, no host staging."""
-    from hpcml.gradsync import FlatGradientSync
+    from hpcml.compute.gradsync import FlatGradientSync
 
     cfg = config(tmp_path, steps=200)
     cfg.train.grad_sync = "flat"

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from hpcml.localcluster import (
+from hpcml.localcluster.cluster import (
     LocalClusterLayout,
     paths_to_keep_visible,
     render_slurm_conf,

@@ -6,10 +6,8 @@ import signal
 import pytest
 import torch
 
-from hpcml import runtime, slurm
-from hpcml.config import PreemptConfig, TrainJobConfig
-from hpcml.errors import ConfigError, SubmissionError
-from hpcml.preempt import (
+from hpcml.compute import runtime, slurm_job
+from hpcml.compute.preempt import (
     EXIT_REQUEUE_LIMIT,
     EXIT_REQUEUED,
     EXIT_STOPPED,
@@ -17,8 +15,9 @@ from hpcml.preempt import (
     PreemptionGuard,
     StopCoordinator,
     StopReason,
-    parse_signal,
 )
+from hpcml.config import PreemptConfig, TrainJobConfig, parse_signal
+from hpcml.errors import ConfigError, SubmissionError
 
 
 def test_guard_records_the_first_signal_and_restores_handlers():
@@ -71,8 +70,9 @@ def test_unusable_signals_are_refused(bad, fragment):
 @pytest.fixture
 def slurm_calls(monkeypatch):
     calls = []
-    monkeypatch.setattr(slurm, "requeue", lambda job: calls.append(("requeue", job)))
-    monkeypatch.setattr(slurm, "set_comment", lambda job, text: calls.append(("comment", job, text)))
+    monkeypatch.setattr(slurm_job, "requeue", lambda job: calls.append(("requeue", job)))
+    monkeypatch.setattr(slurm_job, "set_comment", lambda job, text: calls.append(("comment", job, text)))
+    monkeypatch.setattr(slurm_job, "state", lambda job: "RUNNING")
     return calls
 
 
@@ -115,7 +115,8 @@ def test_a_failed_requeue_is_reported_not_hidden(monkeypatch):
     def refuse(job):
         raise SubmissionError("scontrol: Job is not requeueable")
 
-    monkeypatch.setattr(slurm, "requeue", refuse)
+    monkeypatch.setattr(slurm_job, "requeue", refuse)
+    monkeypatch.setattr(slurm_job, "state", lambda job: "RUNNING")
     assert runtime.requeue_or_stop(TrainJobConfig(), StopReason.SIGNAL) == EXIT_STOPPED
 
 
@@ -125,8 +126,17 @@ def test_a_job_slurm_is_already_requeueing_counts_as_requeued(monkeypatch):
     def already(job):
         raise SubmissionError("`scontrol requeue 42` failed: Job is pending execution for job 42")
 
-    monkeypatch.setattr(slurm, "requeue", already)
+    monkeypatch.setattr(slurm_job, "requeue", already)
+    monkeypatch.setattr(slurm_job, "state", lambda job: "RUNNING")
     assert runtime.requeue_or_stop(TrainJobConfig(), StopReason.SIGNAL) == EXIT_REQUEUED
+
+
+def test_a_cancelled_job_is_never_requeued(monkeypatch, slurm_calls):
+    """`scancel <job>` ends it: Slurm would accept a requeue and bring it back, so rank 0 must not ask."""
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setattr(slurm_job, "state", lambda job: "CANCELLED")
+    assert runtime.requeue_or_stop(TrainJobConfig(), StopReason.SIGNAL) == EXIT_STOPPED
+    assert slurm_calls == []
 
 
 def test_signals_after_the_run_are_ignored_not_fatal():
@@ -141,7 +151,7 @@ def test_signals_after_the_run_are_ignored_not_fatal():
 
 
 def test_a_warning_during_start_up_is_remembered(monkeypatch):
-    from hpcml import early_signals
+    from hpcml.compute import early_signals
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM)}
     monkeypatch.setattr(early_signals, "SEEN", [])
@@ -162,7 +172,7 @@ def test_a_warning_during_start_up_is_remembered(monkeypatch):
 AGREE_SCRIPT = """
 import os, sys, time
 import numpy as np
-from hpcml import mpi
+from hpcml.compute import mpi
 from hpcml.errors import CollectiveTimeout
 world = mpi.world()
 flags = np.array([world.rank, 1 - world.rank], dtype=np.int32)

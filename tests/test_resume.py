@@ -6,12 +6,12 @@ import signal
 import pytest
 import torch
 
+from hpcml.compute.dist import setup_distributed, teardown_distributed
+from hpcml.compute.env import SingleProcessEnvironment
+from hpcml.compute.preempt import Deadline, PreemptionGuard, StopCoordinator, StopReason
+from hpcml.compute.trainer import Trainer, parameters_checksum
 from hpcml.config import CheckpointConfig, OptimConfig, TrainConfig, TrainJobConfig
-from hpcml.dist import setup_distributed, teardown_distributed
-from hpcml.env import SingleProcessEnvironment
 from hpcml.errors import ConfigError
-from hpcml.preempt import Deadline, PreemptionGuard, StopCoordinator, StopReason
-from hpcml.trainer import Trainer, parameters_checksum
 
 
 @pytest.fixture
@@ -168,7 +168,7 @@ def test_resume_reuses_the_checkpoints_transport_plan(grad_sync, tmp_path):
 
 
 def test_time_based_saves_follow_the_clock(ctx, tmp_path, monkeypatch):
-    import hpcml.trainer as trainer_module
+    import hpcml.compute.trainer as trainer_module
 
     now = [1000.0]
     monkeypatch.setattr(trainer_module.time, "monotonic", lambda: now[0])

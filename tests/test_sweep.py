@@ -7,11 +7,11 @@ import subprocess
 import pytest
 from helpers import PYTHON, ROOT, TRAIN, mpi_env
 
-from hpcml import sweep as sw
-from hpcml.cli import main as cli_main
-from hpcml.cli import render_status
 from hpcml.config import ClusterConfig, TrainJobConfig
-from hpcml.report import write_report
+from hpcml.login import sweep as sw
+from hpcml.login.cli import main as cli_main
+from hpcml.login.cli import render_status
+from hpcml.login.report import write_report
 
 
 def make_sweep(tmp_path, finals: dict[int, float | None]) -> sw.Sweep:
@@ -100,7 +100,7 @@ def test_status_watch_refreshes_until_every_trial_has_ended(tmp_path, monkeypatc
     )
     monkeypatch.setattr(sw.slurm, "array_task_states", lambda ids: next(polls))
     sleeps = []
-    monkeypatch.setattr("hpcml.cli.time.sleep", sleeps.append)
+    monkeypatch.setattr("hpcml.login.cli.time.sleep", sleeps.append)
     assert cli_main(["status", str(tmp_path), "--watch", "--interval", "7"]) == 0
     assert sleeps == [7.0, 7.0]  # three looks, and none after the last trial ended
     assert capsys.readouterr().out.rstrip().endswith("2 trials: 1 completed, 1 failed")
@@ -155,9 +155,12 @@ def test_batches_add_to_one_sweep_record(tmp_path):
 
 
 def test_objective_must_be_in_the_result():
-    assert sw.objective({"test_accuracy": 0.9}, "test_accuracy") == 0.9
-    with pytest.raises(sw.SweepError, match="launch.objective=bleu is not in result.json; it holds: loss"):
-        sw.objective({"loss": 1.0}, "bleu")
+    from hpcml.errors import ConfigError
+    from hpcml.outputs import objective
+
+    assert objective({"test_accuracy": 0.9}, "test_accuracy") == 0.9
+    with pytest.raises(ConfigError, match="launch.objective=bleu is not in result.json; it holds: loss"):
+        objective({"loss": 1.0}, "bleu")
 
 
 def test_a_local_sweep_runs_every_trial(tmp_path):
@@ -183,13 +186,13 @@ def test_optuna_gets_each_trials_objective(tmp_path):
 
 
 def test_array_task_states_take_live_state_from_squeue_over_sacct(monkeypatch):
-    from hpcml import slurm
+    from hpcml.login import slurm
 
     answers = {
         "sacct": "90_0|COMPLETED|00:01:00\n90_1|CANCELLED by 0|00:00:03\n90_2|PENDING|00:00:00\n",
         "squeue": "90_2|RUNNING|0:30\n",
     }
-    monkeypatch.setattr(slurm, "_query", lambda cmd: answers[cmd[0]])
+    monkeypatch.setattr(slurm, "query", lambda cmd: answers[cmd[0]])
     assert slurm.array_task_states(["90_0", "90_1", "90_2"]) == {
         "90_0": ("COMPLETED", "00:01:00"),
         "90_1": ("CANCELLED", "00:00:03"),

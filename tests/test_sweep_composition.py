@@ -7,7 +7,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from hpcml.config import register_configs, register_resolvers, validate, with_values
+from hpcml.compute.run_dir import register_resolvers
+from hpcml.config import register_configs, validate, with_values
 from hpcml.errors import ConfigError
 from hydra_plugins.hpcml_launcher.launcher import HpcmlLauncher, derive_trial_config
 
@@ -154,7 +155,7 @@ def test_the_login_node_side_never_imports_torch():
     import subprocess
     import sys
 
-    code = "import sys, hpcml.sweep, hpcml.cli, hpcml.launch, hpcml.config; hpcml.config.TrainJobConfig(); "
+    code = "import sys, hpcml.login.sweep, hpcml.login.cli, hpcml.login.launch, hpcml.config; hpcml.config.TrainJobConfig(); "
     code += "sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 

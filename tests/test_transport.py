@@ -8,13 +8,11 @@ import statistics
 import pytest
 import torch
 
-from hpcml import transport
-from hpcml.config import TrainConfig
-from hpcml.dist import DistributedContext
-from hpcml.env import ProcessPlacement
-from hpcml.errors import ConfigError
-from hpcml.gradsync import NoGradientSync, make_gradient_sync, resolve_transport
-from hpcml.transport import (
+from hpcml.compute import transport
+from hpcml.compute.dist import DistributedContext
+from hpcml.compute.env import ProcessPlacement
+from hpcml.compute.gradsync import NoGradientSync, make_gradient_sync, resolve_transport
+from hpcml.compute.transport import (
     AUTO,
     MPI,
     SMALLEST_PROBE_BYTES,
@@ -25,6 +23,8 @@ from hpcml.transport import (
     probe_sizes,
     settled_choice,
 )
+from hpcml.config import TrainConfig
+from hpcml.errors import ConfigError
 
 MB = 1 << 20
 
@@ -172,8 +172,8 @@ def test_one_rank_alone_gets_no_ddp_and_no_probe():
 @pytest.fixture
 def process_group(monkeypatch):
     """A one-rank gloo process group in this process, torn down afterwards."""
-    from hpcml.dist import setup_distributed, teardown_distributed
-    from hpcml.env import SingleProcessEnvironment
+    from hpcml.compute.dist import setup_distributed, teardown_distributed
+    from hpcml.compute.env import SingleProcessEnvironment
 
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     yield setup_distributed(SingleProcessEnvironment({}), "gloo", 30)
@@ -182,7 +182,7 @@ def process_group(monkeypatch):
 
 def test_the_flat_path_needs_no_mpi_launcher(process_group):
     """With transport=auto and no MPI world the flat buffer goes over the process group; nothing to probe."""
-    from hpcml.gradsync import FlatGradientSync
+    from hpcml.compute.gradsync import FlatGradientSync
 
     model = torch.nn.Linear(3, 2)
     sync = make_gradient_sync(model, process_group, TrainConfig(grad_sync="flat"))
@@ -197,7 +197,7 @@ def test_the_flat_path_needs_no_mpi_launcher(process_group):
 
 
 def test_the_mpi_comm_hook_reuses_its_bucket_views_until_the_buckets_move(process_group):
-    from hpcml.gradsync import DDPGradientSync
+    from hpcml.compute.gradsync import DDPGradientSync
 
     mpi_ctx = DistributedContext(process_group.placement, "gloo", process_group.device, "mpirun", uses_mpi=True)
     sync = DDPGradientSync(torch.nn.Linear(4, 2), mpi_ctx, TrainConfig(transport="mpi"))
@@ -216,7 +216,7 @@ def test_the_comm_hook_does_not_keep_ddp_and_its_process_group_alive(process_gro
     import gc
     import weakref
 
-    from hpcml.gradsync import DDPGradientSync
+    from hpcml.compute.gradsync import DDPGradientSync
 
     mpi_ctx = DistributedContext(process_group.placement, "gloo", process_group.device, "mpirun", uses_mpi=True)
     sync = DDPGradientSync(torch.nn.Linear(4, 2), mpi_ctx, TrainConfig(transport="mpi"))

@@ -2,7 +2,7 @@
 
 Each path sums a float32 buffer over all ranks, back to back, timed as nccl-tests do:
 - raw gloo: `torch.distributed.all_reduce(tensor)`;
-- raw MPI: mpi4py `Allreduce(IN_PLACE, SUM)` (hpcml.mpi's wrapper is that one call);
+- raw MPI: mpi4py `Allreduce(IN_PLACE, SUM)` (hpcml.compute.mpi's wrapper is that one call);
 - hpcml DDP path: what hpcml's DDP comm hook runs on a gradient bucket of that size (transport choice
   from this job's probe, then the all-reduce); DDP's own bucketing cost shows in the training benchmark;
 - hpcml flat path: `FlatGradientSync.synchronize()` (train.grad_sync=flat) of a model whose gradients
@@ -21,14 +21,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hpcml import mpi
 from hpcml.bench.launch import Layout, cluster_is_up, run_worker
 from hpcml.bench.record import BenchResult, Figure, busbw
+from hpcml.compute import mpi
+from hpcml.compute.dist import setup_distributed, teardown_distributed
+from hpcml.compute.env import detect_environment
+from hpcml.compute.gradsync import DDPGradientSync, FlatGradientSync
+from hpcml.compute.transport import iterations_for, mean_time
 from hpcml.config import TrainConfig
-from hpcml.dist import setup_distributed, teardown_distributed
-from hpcml.env import detect_environment
-from hpcml.gradsync import DDPGradientSync, FlatGradientSync
-from hpcml.transport import iterations_for, mean_time
 
 MB = 1 << 20
 FULL_SIZES = [4 << 10 << (2 * i) for i in range(9)]  # 4 KB, 16 KB, ..., 256 MB

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpcml import checkpoint as ckpt
 from hpcml.bench.record import BenchResult, Figure
+from hpcml.compute import checkpoint as ckpt
+from hpcml.compute.models import build_mlp
 from hpcml.config import ModelConfig
-from hpcml.models import build_mlp
 
 MB = 1 << 20
 CPU = torch.device("cpu")

@@ -27,11 +27,11 @@ from torch.nn.parallel import DistributedDataParallel
 from hpcml.bench import checkpoints, training
 from hpcml.bench.launch import BenchmarkSkipped, Layout, run_worker
 from hpcml.bench.record import BenchResult, Figure
-from hpcml.dist import setup_distributed, teardown_distributed
-from hpcml.env import detect_environment
-from hpcml.models import build_mlp
-from hpcml.trainer import Trainer, build_optimizer
-from hpcml.transport import iterations_for, mean_time
+from hpcml.compute.dist import setup_distributed, teardown_distributed
+from hpcml.compute.env import detect_environment
+from hpcml.compute.models import build_mlp
+from hpcml.compute.trainer import Trainer, build_optimizer
+from hpcml.compute.transport import iterations_for, mean_time
 
 # Steps per timed block: the CPU may run ahead of the GPU inside a block, as it does in training.
 BLOCK_STEPS = 10

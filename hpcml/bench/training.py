@@ -25,13 +25,13 @@ import torch
 
 from hpcml.bench.launch import Layout, run_worker
 from hpcml.bench.record import BenchResult, Figure
+from hpcml.compute.dist import setup_distributed, teardown_distributed
+from hpcml.compute.env import detect_environment
+from hpcml.compute.preempt import PreemptionGuard
+from hpcml.compute.runtime import stop_coordinator
+from hpcml.compute.trainer import Trainer
+from hpcml.compute.transport import iterations_for, mean_time
 from hpcml.config import DataConfig, ModelConfig, TrainConfig, TrainJobConfig
-from hpcml.dist import setup_distributed, teardown_distributed
-from hpcml.env import detect_environment
-from hpcml.preempt import PreemptionGuard
-from hpcml.runtime import stop_coordinator
-from hpcml.trainer import Trainer
-from hpcml.transport import iterations_for, mean_time
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""`python jobs/train.py -m ...` -> validated trials -> hpcml.sweep.submit_trials (one array per resource shape).
+"""`python jobs/train.py -m ...` -> validated trials -> hpcml.login.sweep.submit_trials (one array per resource shape).
 
 Every trial is composed and validated before anything is submitted, so an unknown swept key or a bad
 value fails the whole sweep on the login node with nothing left half-submitted. Trials that do not
@@ -39,7 +39,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from hpcml.config import TrainJobConfig, validate, with_values
-from hpcml.errors import ConfigError, HpcmlError
+from hpcml.errors import ConfigError, HpcmlError, report_error
 
 
 @dataclass
@@ -221,11 +221,10 @@ class HpcmlLauncher(Launcher):
             return self._launch(job_overrides, initial_job_idx)
         except HpcmlError as err:
             # The same one-line error as a single run gets, not a traceback; nothing was submitted.
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(report_error(err))
 
     def _launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from hpcml.sweep import SweepError, Trial, open_sweep, submit_trials, write_trial_files
+        from hpcml.login.sweep import SweepError, Trial, open_sweep, submit_trials, write_trial_files
 
         if not job_overrides:
             raise SweepError("the sweep is empty: no trial to launch. Give values to sweep, e.g. optim.lr=0.01,0.1")
@@ -263,8 +262,8 @@ class HpcmlLauncher(Launcher):
         needs_values = not sweeper.endswith(("BasicSweeper", "HpcmlSweeper"))
         if not (configs[0].launch.wait or needs_values):
             return submitted
-        from hpcml.cli import render_status
-        from hpcml.sweep import follow
+        from hpcml.login.cli import render_status
+        from hpcml.login.sweep import follow
 
         follow(sweep, configs[0].launch.poll_s, render_status)
         return [
@@ -274,16 +273,13 @@ class HpcmlLauncher(Launcher):
 
     @staticmethod
     def _outcome(overrides, trial_dir: Path, cfg: TrainJobConfig) -> JobReturn:
-        import json
+        from hpcml.login.sweep import SweepError
+        from hpcml.outputs import read_objective
 
-        from hpcml.outputs import RESULT_FILE
-        from hpcml.sweep import SweepError, objective
-
-        result = trial_dir / RESULT_FILE
-        if not result.is_file():
+        value = read_objective(trial_dir, cfg.launch.objective)
+        if value is None:
             error = SweepError(f"trial in {trial_dir} ended without a result; see `hpcml status`")
             return JobReturn(overrides=list(overrides), status=JobStatus.FAILED, _return_value=error)
-        value = objective(json.loads(result.read_text()), cfg.launch.objective)
         return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, _return_value=value)
 
     def _run_here(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:

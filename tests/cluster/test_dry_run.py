@@ -29,7 +29,7 @@ def test_dry_run_prints_one_array_script_and_submits_nothing(tmp_path):
 def test_hpcml_submit_dry_run_prints_the_script_and_submits_nothing():
     before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
     done = subprocess.run(
-        [PYTHON, "-m", "hpcml.cli", "submit", "--dry-run", "cluster=local", "optim.lr=0.01"],
+        [PYTHON, "-m", "hpcml.login.cli", "submit", "--dry-run", "cluster=local", "optim.lr=0.01"],
         cwd=ROOT,
         env=mpi_env(),
         capture_output=True,

@@ -189,32 +189,121 @@ def test_requeue_cap_fails_the_job_with_a_visible_reason():
     assert re.search(r"requeue cap reached .* the job fails here", log)
 
 
-def test_sbatch_mpirun_path_gets_the_time_limit_signal_through_its_trap(reference_sha):
-    """Under mpirun the ranks are not Slurm steps: the batch shell's trap must pass the warning on."""
-    done = subprocess.run(
-        [
-            "sbatch",
-            "--time=1",
-            "--signal=B:USR2@25",
-            "sbatch/train.sbatch",
-            "train.steps=300",
-            "fault.step_sleep_s=0.15",
-            "preempt.deadline_margin_s=0",
-            SAME_TRANSPORT,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    job = re.search(r"Submitted batch job (\d+)", done.stdout).group(1)
-    deadline = time.monotonic() + 480
+def sbatch_train(*args: str) -> str:
+    """`sbatch [ARGS] sbatch/train.sbatch [overrides]` (the mpirun path); returns the job id."""
+    done = subprocess.run(["sbatch", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+    return re.search(r"Submitted batch job (\d+)", done.stdout).group(1)
+
+
+def wait_until_ended(job: str, timeout: float = 480) -> list[str]:
+    deadline = time.monotonic() + timeout
     while not attempts(job) or attempts(job)[-1] not in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"):
         assert time.monotonic() < deadline, attempts(job)
-        time.sleep(2)
+        time.sleep(1)
+    return attempts(job)
+
+
+def test_sbatch_mpirun_path_gets_the_time_limit_signal_through_its_trap(reference_sha):
+    """Under mpirun the ranks are not Slurm steps: the batch shell's trap must pass the warning on."""
+    job = sbatch_train(
+        "--time=1",
+        "--signal=B:USR2@25",
+        "sbatch/train.sbatch",
+        "train.steps=300",
+        "fault.step_sleep_s=0.15",
+        "preempt.deadline_margin_s=0",
+        SAME_TRANSPORT,
+    )
+    history = wait_until_ended(job)
     log = (ROOT / "outputs" / f"slurm-{job}.out").read_text()
-    history = attempts(job)
     assert history[-1] == "COMPLETED" and len(history) >= 2, f"{history}\n{log[-3000:]}"
     assert "(signal): saving a checkpoint" in log
     result = read_result(ROOT / "outputs" / "runs" / f"sbatch-{job}")
     assert result["launcher"] == "Open MPI (mpirun)" and result["params_sha256"] == reference_sha
+
+
+# A TERM that reaches the batch shell, not only the ranks: `--full` signals the shell's process group,
+# `--batch` the shell alone. Without hpcml's batch shell (hpcml/compute/batch_shell.sh) the shell died at
+# once and Slurm killed the step: the job ended FAILED and never came back.
+BATCH_SHELL_TERMS = {"full": ["--full"], "batch": ["--batch"]}
+
+
+def term_the_batch_shell(job: str, how: str) -> None:
+    subprocess.run(["scancel", "--signal=TERM", *BATCH_SHELL_TERMS[how], job], check=True)
+
+
+@pytest.mark.parametrize("how", sorted(BATCH_SHELL_TERMS))
+def test_term_to_the_batch_shell_mid_training_is_survived_on_the_srun_path(how, reference_sha):
+    out = new_out(f"shell-{how}")
+    proc = submit(out, *SLOW)
+    job = job_id_of(out)
+    wait_for_step(out, 80)
+    term_the_batch_shell(job, how)
+    finish(proc)
+    result = read_result(out)
+    assert result["params_sha256"] == reference_sha and result["replicas_identical"]
+    assert attempts(job) == ["REQUEUED", "COMPLETED"]
+    log = (out / "slurm" / f"{job}_0_log.err").read_text()
+    assert re.search(r"stopping at step \d+ \(signal\): saving a checkpoint", log)
+
+
+def wait_until_ranks_started(job: str, out, ranks: int = 4, timeout: float = 60) -> None:
+    """Until every rank's Python runs (submitit logs "Loading pickle"): it then imports torch for seconds."""
+    deadline = time.monotonic() + timeout
+    logs = [out / "slurm" / f"{job}_{rank}_log.out" for rank in range(ranks)]
+    while not all(log.exists() and "Loading pickle" in log.read_text() for log in logs):
+        assert time.monotonic() < deadline, "the ranks never started"
+        time.sleep(0.05)
+
+
+def test_term_to_the_batch_shell_during_start_up_is_survived_on_the_srun_path(reference_sha):
+    """The TERM lands while the ranks are still importing (before they formed their world)."""
+    out = new_out("shell-startup")
+    proc = submit(out, *SLOW)
+    job = job_id_of(out)
+    wait_until_ranks_started(job, out)
+    term_the_batch_shell(job, "full")
+    assert not (out / "slurm_job.json").exists()  # rank 0 writes it once the world has formed
+    finish(proc)
+    assert read_result(out)["params_sha256"] == reference_sha
+    assert attempts(job) == ["REQUEUED", "COMPLETED"]
+    log = (out / "slurm" / f"{job}_0_log.err").read_text()
+    assert "stopping at step 1 (signal): saving a checkpoint" in log
+
+
+@pytest.mark.parametrize("when", ["mid-training", "start-up"])
+def test_term_to_the_batch_shell_is_survived_on_the_mpirun_path(when, reference_sha):
+    job = sbatch_train("sbatch/train.sbatch", *SLOW, SAME_TRANSPORT)
+    run_dir = ROOT / "outputs" / "runs" / f"sbatch-{job}"
+    if when == "start-up":
+        # Rank 0 has composed its config (Hydra wrote .hydra/), so its Python runs; torch is not imported yet.
+        deadline = time.monotonic() + 60
+        while not (run_dir / ".hydra").is_dir():
+            assert time.monotonic() < deadline, attempts(job)
+            time.sleep(0.05)
+        time.sleep(0.3)  # the other node's ranks start a moment later
+    else:
+        wait_for_step(run_dir, 80)
+    term_the_batch_shell(job, "full")
+    if when == "start-up":
+        assert not (run_dir / "slurm_job.json").exists()  # rank 0 writes it once the world has formed
+    history = wait_until_ended(job)
+    log = (ROOT / "outputs" / f"slurm-{job}.out").read_text()
+    assert history == ["REQUEUED", "COMPLETED"], f"{history}\n{log[-3000:]}"
+    assert "(signal): saving a checkpoint" in log
+    assert read_result(run_dir)["params_sha256"] == reference_sha
+
+
+def test_a_real_cancel_ends_the_job_cancelled_and_never_requeues_it():
+    """`scancel <job>` with no signal option: the ranks still save what they can, and nothing comes back."""
+    out = new_out("cancel")
+    proc = submit(out, *SLOW, wait=False)
+    finish(proc)
+    job = job_id_of(out)
+    wait_for_step(out, 60)
+    subprocess.run(["scancel", job], check=True)
+    time.sleep(25)  # longer than a requeued job's 11 s hold: a wrong requeue would show by now
+    assert attempts(job) == ["CANCELLED"]
+    log = (out / "slurm" / f"{job}_0_log.err").read_text()
+    assert f"job {job} was cancelled: checkpoint saved, not requeued" in log
+    assert list((out / "checkpoints").glob("step-*"))

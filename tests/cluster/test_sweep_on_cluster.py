@@ -7,12 +7,12 @@ import time
 
 from helpers import PYTHON, ROOT, TRAIN, mpi_env
 
-from hpcml.sweep import TERMINAL_STATES, load_sweep, sweep_status
+from hpcml.login.sweep import TERMINAL_STATES, load_sweep, sweep_status
 
 
 def hpcml(*args):
     return subprocess.run(
-        [PYTHON, "-m", "hpcml.cli", *args], cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=120
+        [PYTHON, "-m", "hpcml.login.cli", *args], cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=120
     )
 
 

@@ -17,18 +17,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from hpcml import checkpoint as ckpt
-from hpcml import slurm
+from hpcml.compute import checkpoint as ckpt
+from hpcml.compute import slurm_job
+from hpcml.compute.data import GlobalBatchStream, load_dataset, on_device
+from hpcml.compute.dist import DistributedContext
+from hpcml.compute.gradsync import make_gradient_sync
+from hpcml.compute.metrics import MetricsWriter
+from hpcml.compute.models import build_mlp
+from hpcml.compute.preempt import BoundaryDecision, StopCoordinator, StopReason
 from hpcml.config import TrainJobConfig
-from hpcml.data import GlobalBatchStream, load_dataset, on_device
-from hpcml.dist import DistributedContext
 from hpcml.errors import ConfigError
 from hpcml.fileio import write_atomically
-from hpcml.gradsync import make_gradient_sync
-from hpcml.metrics import MetricsWriter
-from hpcml.models import build_mlp
 from hpcml.outputs import MODEL_FILE, RESULT_FILE
-from hpcml.preempt import BoundaryDecision, StopCoordinator, StopReason
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class Trainer:
     def _maybe_inject_save_fault(self) -> None:
         fault = self.cfg.fault
         # Only in the first attempt: the restarted job must get past this step.
-        if fault.kill_during_save_at_step == self.step and slurm.restart_count(os.environ) == 0:
+        if fault.kill_during_save_at_step == self.step and slurm_job.restart_count(os.environ) == 0:
             # Die with the checkpoint half-written: a partial folder with no manifest.
             partial = self.checkpoint_dir / f".{ckpt.step_dir_name(self.step)}.partial"
             partial.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from hpcml import mpi
+from hpcml.compute import mpi
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpcml.metrics import METRICS_FILE, read_metrics
-from hpcml.sweep import Sweep, SweepError, swept_overrides
+from hpcml.login.sweep import Sweep, SweepError, swept_overrides
+from hpcml.outputs import METRICS_FILE, read_metrics
 
 REPORT_DIR = "report"
 

@@ -2,7 +2,7 @@
 
 Both sum gradients over ranks after backward, so every rank applies the same update. The flat path keeps
 all gradients as views into one contiguous buffer, so its all-reduce needs no packing copy. Either path's
-all-reduces go over torch.distributed or MPI, as `train.transport` says (hpcml.transport).
+all-reduces go over torch.distributed or MPI, as `train.transport` says (hpcml.compute.transport).
 
 Where hpcml sums gradients itself (the flat path, and DDP with its own comm hook), the 1/N of the average
 is folded into the loss before backward: scaling one scalar is free, while dividing the summed gradients
@@ -20,11 +20,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from hpcml import mpi, transport
+from hpcml.compute import mpi, transport
+from hpcml.compute.dist import DistributedContext
+from hpcml.compute.transport import TransportSelector
 from hpcml.config import TrainConfig
-from hpcml.dist import DistributedContext
 from hpcml.errors import ConfigError
-from hpcml.transport import TransportSelector
 
 # DDP puts the first gradients into a bucket of its own of about this size (torch's default).
 DDP_FIRST_BUCKET_BYTES = 1 << 20

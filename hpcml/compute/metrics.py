@@ -12,22 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hpcml.outputs import METRICS_FILE
+
 log = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.jsonl"
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Every record of a metrics.jsonl, skipping a last line still being written; [] when there is none."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
 
 
 class MetricsWriter:

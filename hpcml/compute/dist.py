@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from hpcml import mpi
-from hpcml.env import LauncherEnvironment, ProcessPlacement
+from hpcml.compute import mpi
+from hpcml.compute.env import LauncherEnvironment, ProcessPlacement
 from hpcml.errors import ConfigError, RendezvousError
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from hpcml.errors import HpcmlError
-from hpcml.sweep import TERMINAL_STATES, TrialStatus, load_sweep, resume_sweep, sweep_status
+from hpcml.errors import HpcmlError, SubmissionError, report_error
+from hpcml.login.sweep import TrialStatus, load_sweep, resume_sweep, sweep_status
+from hpcml.slurm_commands import TERMINAL_STATES
 
 COLUMNS = ("trial", "overrides", "state", "restarts", "step", "loss", "test_acc", "elapsed", "error")
 
@@ -63,7 +64,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from hpcml.report import write_report
+    from hpcml.login.report import write_report
 
     report = write_report(load_sweep(args.sweep_dir), args.metric, args.mode)
     print(report.markdown)
@@ -88,10 +89,19 @@ def cmd_submit(args: argparse.Namespace, overrides: list[str]) -> int:
     """`python jobs/train.py` under another name, so the whole workflow reads `hpcml ...`."""
     import os
 
-    entry = Path("jobs/train.py")
+    import hpcml
+
+    # The checkout's entry, wherever the command is run from (Hydra finds conf/ beside it; outputs/ goes
+    # under the current directory, as with `python jobs/train.py`).
+    entry = Path(hpcml.__file__).resolve().parent.parent / "jobs" / "train.py"
     if not entry.is_file():
-        print("error: run `hpcml submit` from the project root (where jobs/train.py is)", file=sys.stderr)
-        return 2
+        return report_error(
+            SubmissionError(
+                f"`hpcml submit` needs the hpcml checkout's jobs/train.py, and {entry} does not exist: hpcml is "
+                "installed without its checkout. Install it editable (`pip install -e .` in the checkout), or run "
+                "`python jobs/train.py ...` from the checkout."
+            )
+        )
     argv = [sys.executable, str(entry), *(["-m"] if args.multirun else []), *overrides]
     argv += ["launch.dry_run=true"] if args.dry_run else []
     argv += ["launch.wait=true"] if args.wait else []
@@ -128,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except HpcmlError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report_error(err)
     except KeyboardInterrupt:
         return 130
 

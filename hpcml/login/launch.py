@@ -8,36 +8,31 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import submitit
 
-from hpcml import slurm
-from hpcml.config import TrainJobConfig, to_plain_dict, validate
+import hpcml
+from hpcml.config import TrainJobConfig, to_plain_dict
 from hpcml.errors import SubmissionError
+from hpcml.job_entry import TrainingJob
+from hpcml.login import slurm
 from hpcml.outputs import RESULT_FILE
 
 JOB_FOLDER = "slurm"
+# Sourced by the batch script: runs the step so that the batch shell survives a stop (see the file).
+BATCH_SHELL = Path(hpcml.__file__).resolve().parent / "compute" / "batch_shell.sh"
 
 
-class TrainingJob:
-    """The picklable callable submitit runs on every rank: rebuild the config, run the runtime."""
+class HpcmlSlurmExecutor(submitit.SlurmExecutor):
+    """submitit's executor, with each rank started by hpcml.compute.submitit_main instead of submitit's own
+    runner, so that a stop signal is recorded from the rank's first moments."""
 
-    def __init__(self, config: dict[str, Any]):
-        self.config = config
-
-    def __call__(self) -> int:
-        from hpcml.runtime import run_training
-
-        code = run_training(validate(self.config))
-        if code != 0:
-            # A stopped rank exits with its documented status (requeued, stopped, requeue cap), which
-            # Slurm records as the job's exit code; submitit sees no result for this attempt.
-            sys.exit(code)
-        return code
+    @property
+    def _submitit_command_str(self) -> str:
+        return " ".join([self.python, "-u -m hpcml.compute.submitit_main", shlex.quote(str(self.folder))])
 
 
 def preflight(cfg: TrainJobConfig) -> None:
@@ -56,9 +51,27 @@ def preflight(cfg: TrainJobConfig) -> None:
         )
 
 
+def batch_shell_setup(cfg: TrainJobConfig, folder: Path) -> list[str]:
+    """Lines that make the batch script run its srun through hpcml_run_step (hpcml/compute/batch_shell.sh)."""
+    max_requeues = cfg.preempt.max_requeues if cfg.preempt.requeue else 0
+    settings = {
+        "HPCML_STOP_SIGNAL": cfg.preempt.signal.upper().removeprefix("SIG"),
+        "HPCML_STARTUP_RETRIES_MAX": cfg.cluster.startup_retries,
+        "HPCML_MAX_REQUEUES": max_requeues,
+        "HPCML_STEP_RECORDS": folder / "steps",
+    }
+    return [
+        "# hpcml: srun runs in the background, in its own session, so that this shell survives a TERM and passes",
+        "# it on as a stop, and a step that dies while starting is relaunched (see batch_shell.sh).",
+        "export " + " ".join(f"{k}={_shell_quote(v)}" for k, v in settings.items()),
+        f"source {_shell_quote(BATCH_SHELL)}",
+        'srun() { hpcml_run_step srun "$@"; }',
+    ]
+
+
 def make_executor(cfg: TrainJobConfig, folder: Path) -> submitit.SlurmExecutor:
     c = cfg.cluster
-    executor = submitit.SlurmExecutor(folder=folder)
+    executor = HpcmlSlurmExecutor(folder=folder)
     params: dict[str, Any] = dict(
         job_name=f"hpcml-{c.name}",
         nodes=c.nodes,
@@ -66,13 +79,15 @@ def make_executor(cfg: TrainJobConfig, folder: Path) -> submitit.SlurmExecutor:
         cpus_per_task=c.cpus_per_task,
         time=c.time_min,
         srun_args=list(c.srun_args),
-        setup=[*c.setup, *(f"export {k}={_shell_quote(v)}" for k, v in c.env.items())],
+        setup=[*c.setup, *(f"export {k}={_shell_quote(v)}" for k, v in c.env.items()), *batch_shell_setup(cfg, folder)],
         stderr_to_stdout=False,
         # Only used by job arrays (sweeps): how many trials may run at once.
         array_parallelism=cfg.launch.array_parallelism,
         # The time-limit warning goes to every rank (no "B:"): each one can then stop at a step boundary.
         additional_parameters={
-            "signal": f"{cfg.preempt.signal.upper().removeprefix('SIG')}@{cfg.preempt.signal_lead_s}"
+            "signal": f"{cfg.preempt.signal.upper().removeprefix('SIG')}@{cfg.preempt.signal_lead_s}",
+            # Asked for explicitly: a site may default to JobRequeue=0, and then rank 0's requeue is refused.
+            "requeue": True,
         },
     )
     for key in ("partition", "account", "qos", "constraint"):
@@ -84,6 +99,12 @@ def make_executor(cfg: TrainJobConfig, folder: Path) -> submitit.SlurmExecutor:
         params["mem"] = f"{c.mem_gb}GB"
     executor.update_parameters(**params)
     return executor
+
+
+def prepare_job_folder(folder: Path) -> None:
+    """Where submitit keeps scripts, pickles and rank logs: private, as loading a pickle runs code."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
 
 
 def _shell_quote(value: str) -> str:
@@ -108,8 +129,7 @@ def submit(cfg: TrainJobConfig) -> submitit.Job | None:
     if cfg.launch.dry_run:
         print(render_sbatch(cfg, folder))
         return None
-    folder.mkdir(parents=True, exist_ok=True)
-    folder.chmod(0o700)  # submitit pickles live here, and loading a pickle runs code
+    prepare_job_folder(folder)
     executor = make_executor(cfg, folder)
     job = executor.submit(TrainingJob(to_plain_dict(cfg)))
     print(f"submitted Slurm job {job.job_id}: {cfg.cluster.nodes} nodes x {cfg.cluster.tasks_per_node} ranks")
@@ -121,12 +141,14 @@ def submit(cfg: TrainJobConfig) -> submitit.Job | None:
 
 def wait_for(job: submitit.Job, output_dir: str | Path, poll_s: float) -> dict[str, Any]:
     """Block until the job ends; return its result.json, or raise with the failure and where to look."""
+    print(f"job {job.job_id}: submitted", flush=True)
     last_state = None
     # Done means Slurm says the job ended, not merely that rank 0 wrote its result: only then are the
     # accounting records and every rank's log final.
     while True:
         state = job.watcher.get_state(job.job_id, mode="force")
-        if state != last_state:
+        # UNKNOWN: neither squeue nor sacct lists the job yet; "submitted" already says all that is known.
+        if state != last_state and state != "UNKNOWN":
             print(f"job {job.job_id}: {state}", flush=True)
             last_state = state
         if job.watcher.is_done(job.job_id, mode="cache"):

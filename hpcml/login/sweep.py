@@ -15,19 +15,18 @@ from pathlib import Path
 
 import yaml
 
-from hpcml import launch, slurm
 from hpcml.config import TrainJobConfig, to_plain_dict, validate
 from hpcml.errors import HpcmlError
 from hpcml.fileio import write_atomically
-from hpcml.metrics import METRICS_FILE, read_metrics
-from hpcml.outputs import JOB_RECORD, RESULT_FILE
+from hpcml.job_entry import TrainingJob
+from hpcml.login import launch, slurm
+from hpcml.outputs import JOB_RECORD, METRICS_FILE, RESULT_FILE, read_metrics
+from hpcml.slurm_commands import ACTIVE_STATES, TERMINAL_STATES
 
 SWEEP_FILE = "sweep.json"
 TRIAL_CONFIG = "trial_config.json"
 # libyaml's emitter where PyYAML was built with it: OmegaConf's pure-Python one took 1.8 ms a trial.
 _YamlDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-# Slurm states after which a trial will not run again by itself.
-TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
 class SweepError(HpcmlError):
@@ -57,12 +56,6 @@ class Sweep:
     def save(self) -> None:
         data = {"created": self.created, "trials": [asdict(t) for t in self.trials]}
         write_atomically(self.record, lambda f: f.write(json.dumps(data, indent=2).encode()))
-
-
-def objective(result: dict, name: str) -> float:
-    if name not in result:
-        raise SweepError(f"launch.objective={name} is not in result.json; it holds: {', '.join(sorted(result))}.")
-    return float(result[name])
 
 
 def open_sweep(path: Path, trials: list[Trial]) -> Sweep:
@@ -126,8 +119,7 @@ def submit_trials(sweep: Sweep, trials: list[Trial], configs: list[TrainJobConfi
         raise SweepError("the sweep is empty: no trial to submit. Give values to sweep, e.g. optim.lr=0.01,0.1")
     launch.preflight(configs[0])
     folder = sweep.path / launch.JOB_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    folder.chmod(0o700)  # submitit pickles live here, and loading a pickle runs code
+    launch.prepare_job_folder(folder)
     arrays = plan_arrays(configs, slurm.max_array_size() if not dry_run else 1001)
     scripts = []
     for members in arrays:
@@ -137,7 +129,7 @@ def submit_trials(sweep: Sweep, trials: list[Trial], configs: list[TrainJobConfi
             continue
         executor = launch.make_executor(first, folder)
         with executor.batch():
-            jobs = [executor.submit(launch.TrainingJob(to_plain_dict(configs[i]))) for i in members]
+            jobs = [executor.submit(TrainingJob(to_plain_dict(configs[i]))) for i in members]
         for i, job in zip(members, jobs, strict=True):
             trial = trials[i]
             if trial.job_id:
@@ -234,10 +226,6 @@ def sweep_status(sweep: Sweep) -> list[TrialStatus]:
             )
         )
     return rows
-
-
-# States in which Slurm will still run (or is running) a trial without being asked.
-ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "SUSPENDED", "PREEMPTED", "RESIZING"}
 
 
 def needs_rerun(status: TrialStatus, trial_dir: Path) -> bool:

@@ -1,7 +1,7 @@
 """What runs on every rank: detect the launcher, start torch.distributed, train, stop or finish.
 
 `run_training` is the one entry point for all launch modes (plain python, mpirun, srun via submitit,
-sbatch) and returns the rank's exit status (hpcml.preempt.EXIT_*). An exception on any rank is logged
+sbatch) and returns the rank's exit status (hpcml.compute.preempt.EXIT_*). An exception on any rank is logged
 with its traceback and then ends every rank of the job (MPI_Abort), so no peer is left blocked in a
 collective. A stop (signal or deadline) is saved by all ranks together; then rank 0 requeues the job.
 """
@@ -19,14 +19,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from hpcml import mpi, slurm
-from hpcml.config import TrainJobConfig
-from hpcml.dist import DistributedContext, setup_distributed, teardown_distributed
-from hpcml.env import detect_environment
-from hpcml.errors import SubmissionError
-from hpcml.fileio import write_atomically
-from hpcml.outputs import JOB_RECORD
-from hpcml.preempt import (
+from hpcml.compute import mpi, slurm_job, step_record
+from hpcml.compute.dist import DistributedContext, setup_distributed, teardown_distributed
+from hpcml.compute.env import detect_environment
+from hpcml.compute.preempt import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_REQUEUE_LIMIT,
@@ -36,9 +32,13 @@ from hpcml.preempt import (
     PreemptionGuard,
     StopCoordinator,
     StopReason,
-    parse_signal,
 )
-from hpcml.trainer import Trainer
+from hpcml.compute.trainer import Trainer
+from hpcml.config import TrainJobConfig, parse_signal, validate
+from hpcml.errors import HpcmlError, SubmissionError
+from hpcml.fileio import write_atomically
+from hpcml.outputs import JOB_RECORD
+from hpcml.slurm_commands import REQUEUED_STATES
 
 log = logging.getLogger("hpcml")
 
@@ -69,11 +69,23 @@ def end_all_ranks(rank: int, exc: BaseException) -> None:
 def record_job(output_dir: Path) -> None:
     """Which Slurm job (and which restart of it) wrote this output directory, for `hpcml status`."""
     env = dict(os.environ)
+    job_id = slurm_job.current_job_id(env)
+    restarts = slurm_job.restart_count(env)
+    path = output_dir / JOB_RECORD
+    # Start-up relaunches (batch_shell.sh) add up over the job's attempts: each attempt records once.
+    earlier_retries = 0
+    try:
+        earlier = json.loads(path.read_text())
+        if earlier.get("job_id") == job_id and earlier.get("restart_count", restarts) < restarts:
+            earlier_retries = int(earlier.get("startup_retries", 0))
+    except (OSError, ValueError, TypeError):
+        pass
     record = {
-        "job_id": slurm.current_job_id(env),
-        "restart_count": slurm.restart_count(env),
+        "job_id": job_id,
+        "restart_count": restarts,
         "nodes": env.get("SLURM_JOB_NODELIST"),
         "started": time.time(),
+        "startup_retries": earlier_retries + step_record.startup_retries(env),
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(output_dir / JOB_RECORD, lambda f: f.write(json.dumps(record, indent=2).encode()))
@@ -81,25 +93,29 @@ def record_job(output_dir: Path) -> None:
 
 def requeue_or_stop(cfg: TrainJobConfig, reason: StopReason) -> int:
     """Rank 0's decision after a stop has been saved: requeue, give up at the cap, or just exit."""
-    job_id = slurm.current_job_id(dict(os.environ))
+    job_id = slurm_job.current_job_id(dict(os.environ))
     if job_id is None or not cfg.preempt.requeue:
         log.warning(
             "stopped (%s) with a checkpoint saved; not requeued: run the same command to resume", reason.name.lower()
         )
         return EXIT_STOPPED
-    restarts = slurm.restart_count(dict(os.environ))
+    if slurm_job.state(job_id) == "CANCELLED":
+        # `scancel <job>`: the user ended it. Slurm would still accept a requeue, and bring it back.
+        log.warning("job %s was cancelled: checkpoint saved, not requeued; resubmit to resume", job_id)
+        return EXIT_STOPPED
+    restarts = slurm_job.restart_count(dict(os.environ))
     if restarts >= cfg.preempt.max_requeues:
         message = f"hpcml: requeue cap reached ({restarts} restarts, preempt.max_requeues={cfg.preempt.max_requeues})"
         log.error("%s; the job fails here. The checkpoint is saved: resubmit to continue.", message)
         try:
-            slurm.set_comment(job_id, message)
+            slurm_job.set_comment(job_id, message)
         except SubmissionError as err:
             log.warning("could not record the reason in Slurm: %s", err)
         return EXIT_REQUEUE_LIMIT
     try:
-        slurm.requeue(job_id)
+        slurm_job.requeue(job_id)
     except SubmissionError as err:
-        if "pending execution" in str(err) or slurm.job_state(job_id) in slurm.REQUEUED_STATES:
+        if "pending execution" in str(err) or slurm_job.state(job_id) in REQUEUED_STATES:
             # Slurm is requeueing the job already (`scontrol requeue` from outside, or PreemptMode=REQUEUE).
             log.warning(
                 "stopped (%s) at a saved checkpoint; Slurm is requeueing job %s already", reason.name.lower(), job_id
@@ -115,9 +131,9 @@ def requeue_or_stop(cfg: TrainJobConfig, reason: StopReason) -> int:
 
 def stop_coordinator(cfg: TrainJobConfig, ctx: DistributedContext, guard: PreemptionGuard) -> StopCoordinator:
     end_time = None
-    job_id = slurm.current_job_id(dict(os.environ))
+    job_id = slurm_job.current_job_id(dict(os.environ))
     if ctx.is_main and job_id is not None:
-        end_time = slurm.job_end_time(job_id)
+        end_time = slurm_job.end_time(job_id)
     return StopCoordinator(
         guard,
         Deadline(end_time, cfg.preempt.deadline_margin_s),
@@ -150,6 +166,7 @@ def run_training(cfg: TrainJobConfig) -> int:
                 ctx.device,
             )
             if ctx.is_main:
+                step_record.mark_formed()  # from here on a failure is the job's own, not start-up's
                 record_job(Path(cfg.train.output_dir))
             outcome = Trainer(cfg, ctx, stop_coordinator(cfg, ctx, guard)).fit()
             if outcome.stopped is StopReason.NONE:
@@ -181,4 +198,18 @@ def run_training(cfg: TrainJobConfig) -> int:
             r.params_sha256[:16],
             r.output_dir,
         )
+    return code
+
+
+def run_job(config: dict) -> int:
+    """A submitted job's rank (hpcml.job_entry.TrainingJob): check the config, train, and leave with the
+    rank's documented exit status, which Slurm records as the job's exit code."""
+    try:
+        cfg = validate(config)
+    except HpcmlError:
+        step_record.mark_user_error()
+        raise
+    code = run_training(cfg)
+    if code != EXIT_OK:
+        sys.exit(code)  # submitit sees no result for a stopped attempt
     return code

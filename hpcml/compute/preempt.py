@@ -19,8 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hpcml import early_signals, mpi
-from hpcml.early_signals import parse_signal  # noqa: F401  (part of this module's interface)
+from hpcml.compute import early_signals, mpi
 
 
 class StopReason(enum.IntEnum):
@@ -56,7 +55,7 @@ class PreemptionGuard:
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         if early_signals.SEEN and self.received is None:
-            # A warning that came while the process was still importing (hpcml.early_signals).
+            # A warning that came while the process was still importing (hpcml.compute.early_signals).
             self.received = signal.Signals(early_signals.SEEN[0])
         return self
 

@@ -1,0 +1,69 @@
+# Sourced by every batch script hpcml renders and by sbatch/train.sbatch: how the batch shell runs the job
+# step (srun ... or mpirun ...) so that a stop reaching the shell is survived and a start-up crash retried.
+#
+# Why it is needed:
+# - Bash runs a trap only after its foreground child exits, and a batch shell without a trap dies at once
+#   of a TERM (`scancel --signal=TERM --full` or `--batch`, a time limit): the job then ends and Slurm
+#   kills the step while its ranks are still saving. So the step runs in the background and is waited for.
+# - srun answers a TERM of its own by SIGKILLing every task ("forcing job termination"). A signal for the
+#   batch shell goes to its process group, so the step starts in a session of its own (setsid), where only
+#   Slurm's real job termination reaches srun. The ranks hear of a stop from what this shell forwards.
+#
+# hpcml_run_step CMD...   runs CMD; returns its exit status. Settings, from the environment:
+#   HPCML_STOP_SIGNAL          what a TERM or stop signal to this shell is forwarded to the step as (USR2):
+#                              srun and mpirun pass it on to every rank, which stop at a step boundary
+#                              and save; rank 0 requeues the job.
+#   HPCML_STEP_RECORDS         a directory every node sees, for the ranks' marks (hpcml/compute/step_record.py)
+#   HPCML_STARTUP_RETRIES_MAX  relaunches of a step that died before its ranks formed their world with no
+#                              error from the job's own config or code (an MPI start-up crash) (2)
+#   HPCML_MAX_REQUEUES         if a stop came while the ranks were still starting and they died of it,
+#                              this shell requeues the job itself, up to this many restarts (0: never)
+
+hpcml_run_step() {
+  local stop=${HPCML_STOP_SIGNAL:-USR2} max_retries=${HPCML_STARTUP_RETRIES_MAX:-2}
+  local records=${HPCML_STEP_RECORDS:-.} try=0 rc=0 record
+  HPCML_STEP_PID=
+  HPCML_STOP_REQUESTED=0
+  # shellcheck disable=SC2064  # $stop is meant to expand now
+  trap "HPCML_STOP_REQUESTED=1; [ -n \"\$HPCML_STEP_PID\" ] && kill -$stop \"\$HPCML_STEP_PID\" 2>/dev/null || true" TERM "$stop"
+  while :; do
+    record="$records/step-${SLURM_JOB_ID:-none}.${SLURM_RESTART_COUNT:-0}.$try"
+    rm -rf "$record"
+    HPCML_STEP_RECORD="$record" HPCML_STARTUP_RETRIES="$try" setsid "$@" &
+    HPCML_STEP_PID=$!
+    while kill -0 "$HPCML_STEP_PID" 2>/dev/null; do
+      wait "$HPCML_STEP_PID" || true  # returns early whenever a trap ran
+    done
+    wait "$HPCML_STEP_PID" && rc=0 || rc=$?
+    HPCML_STEP_PID=
+    if [ "$rc" = 0 ] || [ -e "$record/formed" ] || compgen -G "$record/user_error.*" >/dev/null; then
+      break  # it ran, or the job's own config or code failed: nothing to retry
+    fi
+    if [ "$HPCML_STOP_REQUESTED" = 1 ]; then
+      hpcml_requeue_after_early_stop && rc=3
+      break
+    fi
+    if [ "$try" -ge "$max_retries" ]; then
+      echo "hpcml: the step died at start-up (exit $rc) $((try + 1)) times before its ranks formed their world; giving up" >&2
+      break
+    fi
+    try=$((try + 1))
+    echo "hpcml: the step died at start-up (exit $rc) before its ranks formed their world, with no error from the job's config or code; relaunching it (start-up retry $try of $max_retries)" >&2
+  done
+  rm -rf "$records/step-${SLURM_JOB_ID:-none}.${SLURM_RESTART_COUNT:-0}".*
+  trap - TERM "$stop"
+  return "$rc"
+}
+
+# A stop reached ranks that had not yet installed their handlers, and they died of it: nothing was trained
+# in this attempt, so requeue the job as rank 0 would have, unless Slurm is cancelling it.
+hpcml_requeue_after_early_stop() {
+  local state
+  state=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*' || true)
+  if [ "$state" = JobState=CANCELLED ] || [ "${SLURM_RESTART_COUNT:-0}" -ge "${HPCML_MAX_REQUEUES:-0}" ]; then
+    echo "hpcml: stopped while starting; not requeued ($state, restart ${SLURM_RESTART_COUNT:-0} of ${HPCML_MAX_REQUEUES:-0})" >&2
+    return 1
+  fi
+  echo "hpcml: stopped while starting; requeueing job $SLURM_JOB_ID" >&2
+  scontrol requeue "$SLURM_JOB_ID"
+}

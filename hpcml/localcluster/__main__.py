@@ -1,0 +1,5 @@
+import sys
+
+from hpcml.localcluster.cluster import main
+
+sys.exit(main())

@@ -1,0 +1,58 @@
+"""What the login node asks Slurm: partitions and their sizes, MaxArraySize, the states of array tasks."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from hpcml.slurm_commands import query, run
+
+
+@dataclass(frozen=True)
+class Partition:
+    name: str
+    nodes: int
+    is_default: bool
+
+
+def partitions() -> dict[str, Partition]:
+    """The cluster's partitions with their node counts; the default one is flagged."""
+    found: dict[str, Partition] = {}
+    for line in run(["sinfo", "-h", "-o", "%P %D"]).splitlines():
+        name, count = line.split()
+        is_default = name.endswith("*")
+        name = name.rstrip("*")
+        # sinfo prints one line per node state; add them up.
+        prev = found.get(name)
+        found[name] = Partition(
+            name, int(count) + (prev.nodes if prev else 0), is_default or bool(prev and prev.is_default)
+        )
+    return found
+
+
+def max_array_size() -> int:
+    """Slurm's MaxArraySize (array indices run from 0 to this minus 1); Slurm's default when unset."""
+    return parse_max_array_size(run(["scontrol", "show", "config"]))
+
+
+def parse_max_array_size(show_config: str) -> int:
+    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", show_config, re.MULTILINE)
+    return int(match.group(1)) if match else 1001
+
+
+def array_task_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """Array task id (`<array>_<index>`) -> (state, elapsed): finished ones from sacct's last attempt,
+    live ones from squeue (which wins: sacct lags a running task)."""
+    if not job_ids:
+        return {}
+    arrays = ",".join(sorted({j.split("_")[0] for j in job_ids}))
+    states: dict[str, tuple[str, str]] = {}
+    for line in query(["sacct", "-X", "-n", "-P", "-j", arrays, "-o", "JobID,State,Elapsed"]).splitlines():
+        parts = line.split("|")
+        if len(parts) == 3:
+            states[parts[0]] = (parts[1].split()[0], parts[2])
+    for line in query(["squeue", "-h", "-r", "-j", arrays, "-o", "%i|%T|%M"]).splitlines():
+        parts = line.split("|")
+        if len(parts) == 3:
+            states[parts[0]] = (parts[1], parts[2])
+    return states

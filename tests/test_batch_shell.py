@@ -1,0 +1,119 @@
+"""hpcml/compute/batch_shell.sh with a stand-in step and a stand-in scontrol: which failures are retried.
+
+The real thing (srun and mpirun steps, TERM to the batch shell, requeue) runs in
+tests/cluster/test_fault_tolerance.py; here each branch of the decision is driven on purpose.
+"""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import ROOT
+
+SHELL = ROOT / "hpcml" / "compute" / "batch_shell.sh"
+
+# A step that records each launch, then does what FATE_<launch number> says: "ok", "formed:<rc>" (the
+# ranks formed their world, then exited rc), "user:<rc>" (a config error), "crash:<rc>" (died at start-up),
+# "wait" (runs until it gets USR2, then exits 3 as stopped ranks do).
+STEP = r"""#!/bin/bash
+n=$(( $(cat "$WORK/launches" 2>/dev/null || echo 0) + 1 )); echo $n > "$WORK/launches"
+echo "retries=$HPCML_STARTUP_RETRIES" >> "$WORK/env"
+fate_var=FATE_$n; fate=${!fate_var:-ok}
+case $fate in
+  ok) exit 0 ;;
+  formed:*) mkdir -p "$HPCML_STEP_RECORD"; touch "$HPCML_STEP_RECORD/formed"; exit ${fate#*:} ;;
+  user:*) mkdir -p "$HPCML_STEP_RECORD"; touch "$HPCML_STEP_RECORD/user_error.x.1"; exit ${fate#*:} ;;
+  crash:*) mkdir -p "$HPCML_STEP_RECORD"; exit ${fate#*:} ;;
+  wait) trap 'echo got-usr2 >> "$WORK/signals"; exit 3' USR2; touch "$WORK/waiting"
+        for i in $(seq 200); do sleep 0.05; done; exit 9 ;;
+esac
+"""
+SCONTROL = r"""#!/bin/bash
+echo "$*" >> "$WORK/scontrol"
+[ "$1" = show ] && echo "JobId=7 JobState=${JOB_STATE:-RUNNING} Reason=None"
+exit 0
+"""
+
+
+def run_step(tmp_path: Path, step: str = STEP, **env: str) -> tuple[subprocess.Popen, Path]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("step", step), ("scontrol", SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    environ = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "WORK": str(tmp_path),
+        "SLURM_JOB_ID": "7",
+        "HPCML_STEP_RECORDS": str(tmp_path / "records"),
+        "HPCML_MAX_REQUEUES": "5",
+        **env,
+    }
+    script = f"set -euo pipefail; source {SHELL}; hpcml_run_step step"
+    proc = subprocess.Popen(["bash", "-c", script], env=environ, stderr=subprocess.PIPE, text=True)
+    return proc, tmp_path
+
+
+def launches(work: Path) -> int:
+    return int((work / "launches").read_text())
+
+
+def test_a_clean_step_runs_once(tmp_path):
+    proc, work = run_step(tmp_path)
+    assert proc.wait(30) == 0 and launches(work) == 1
+
+
+def test_a_start_up_crash_is_relaunched_and_counted(tmp_path):
+    proc, work = run_step(tmp_path, FATE_1="crash:139", FATE_2="crash:1")
+    assert proc.wait(30) == 0
+    assert launches(work) == 3
+    assert (work / "env").read_text().split() == ["retries=0", "retries=1", "retries=2"]
+    err = proc.stderr.read()
+    assert "died at start-up (exit 139)" in err and "start-up retry 2 of 2" in err
+    assert not list((work / "records").glob("step-*"))  # the marks are cleaned up
+
+
+def test_start_up_retries_are_bounded(tmp_path):
+    proc, work = run_step(tmp_path, FATE_1="crash:1", FATE_2="crash:1", HPCML_STARTUP_RETRIES_MAX="1")
+    assert proc.wait(30) == 1 and launches(work) == 2
+    assert "2 times before its ranks formed their world; giving up" in proc.stderr.read()
+
+
+@pytest.mark.parametrize("fate", ["formed:1", "user:2"])
+def test_a_failure_of_the_job_itself_is_not_retried(tmp_path, fate):
+    proc, work = run_step(tmp_path, FATE_1=fate)
+    assert proc.wait(30) == int(fate.split(":")[1]) and launches(work) == 1
+
+
+def wait_for(path: Path) -> None:
+    deadline = time.monotonic() + 10
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_a_term_to_the_shell_reaches_the_step_as_the_stop_signal(tmp_path):
+    proc, work = run_step(tmp_path, FATE_1="wait")
+    wait_for(work / "waiting")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 3  # the step's status: the shell survived the TERM and waited for it
+    assert (work / "signals").read_text().split() == ["got-usr2"]
+    assert launches(work) == 1
+
+
+@pytest.mark.parametrize("state, requeued", [("RUNNING", True), ("CANCELLED", False)])
+def test_a_stop_that_killed_starting_ranks_requeues_unless_cancelled(tmp_path, state, requeued):
+    # The step "dies of" the forwarded signal before forming its world: exit 140 (USR2) with no mark.
+    dies_of_it = STEP.replace("exit 3' USR2", "exit 140' USR2")
+    proc, work = run_step(tmp_path, dies_of_it, FATE_1="wait", JOB_STATE=state)
+    wait_for(work / "waiting")
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(30)
+    calls = (work / "scontrol").read_text().splitlines()
+    assert launches(work) == 1  # never relaunched while a stop is pending
+    assert ("requeue 7" in calls) is requeued
+    assert code == (3 if requeued else 140)
