@@ -36,12 +36,15 @@ echo "$*" >> "$WORK/scontrol"
 [ "$1" = show ] && echo "JobId=7 JobState=${JOB_STATE:-RUNNING} Reason=None"
 exit 0
 """
+SACCT = r"""#!/bin/bash
+echo "${ACCT_STATE:-RUNNING}"
+"""
 
 
 def run_step(tmp_path: Path, step: str = STEP, **env: str) -> tuple[subprocess.Popen, Path]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("step", step), ("scontrol", SCONTROL)):
+    for name, text in (("step", step), ("scontrol", SCONTROL), ("sacct", SACCT)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     environ = {
@@ -105,11 +108,14 @@ def test_a_term_to_the_shell_reaches_the_step_as_the_stop_signal(tmp_path):
     assert launches(work) == 1
 
 
-@pytest.mark.parametrize("state, requeued", [("RUNNING", True), ("CANCELLED", False)])
-def test_a_stop_that_killed_starting_ranks_requeues_unless_cancelled(tmp_path, state, requeued):
+@pytest.mark.parametrize(
+    "state, accounted, requeued",
+    [("RUNNING", "RUNNING", True), ("COMPLETING", "CANCELLED by 0", False), ("COMPLETING", "TIMEOUT", True)],
+)
+def test_a_stop_that_killed_starting_ranks_requeues_unless_cancelled(tmp_path, state, accounted, requeued):
     # The step "dies of" the forwarded signal before forming its world: exit 140 (USR2) with no mark.
     dies_of_it = STEP.replace("exit 3' USR2", "exit 140' USR2")
-    proc, work = run_step(tmp_path, dies_of_it, FATE_1="wait", JOB_STATE=state)
+    proc, work = run_step(tmp_path, dies_of_it, FATE_1="wait", JOB_STATE=state, ACCT_STATE=accounted)
     wait_for(work / "waiting")
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(30)

@@ -21,6 +21,18 @@ def test_slurm_conf_has_two_logical_nodes_and_preemption():
     assert "PartitionName=urgent" in conf and "PriorityTier=10" in conf
     assert "AccountingStorageType=accounting_storage/slurmdbd" in conf
     assert "AuthInfo=cred_expire=10" in conf
+    assert "JobRequeue=1" in conf and "MaxArraySize=1001" in conf and "PreemptMode=REQUEUE GraceTime" in conf
+
+
+def test_site_policies_can_be_switched():
+    lay = LocalClusterLayout(
+        state_dir=Path("/c"), hostname="h", job_requeue=False, batch_preempt_mode="CANCEL", max_array_size=5
+    )
+    conf = render_slurm_conf(lay)
+    assert "JobRequeue=0" in conf and "MaxArraySize=5" in conf
+    assert (
+        "PartitionName=batch Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=CANCEL" in conf
+    )
 
 
 def test_slurmdbd_conf_points_at_the_private_mariadb():

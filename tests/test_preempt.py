@@ -139,6 +139,16 @@ def test_a_cancelled_job_is_never_requeued(monkeypatch, slurm_calls):
     assert slurm_calls == []
 
 
+def test_a_job_state_hidden_behind_completing_is_read_from_accounting(monkeypatch):
+    from hpcml import slurm_commands
+
+    monkeypatch.setattr(slurm_commands, "run", lambda cmd: "JobId=42 JobState=COMPLETING Reason=None\n")
+    monkeypatch.setattr(slurm_commands, "query", lambda cmd: "CANCELLED by 0\n")
+    assert slurm_job.state("42") == "CANCELLED"
+    monkeypatch.setattr(slurm_commands, "run", lambda cmd: "JobId=42 JobState=RUNNING Reason=None\n")
+    assert slurm_job.state("42") == "RUNNING"
+
+
 def test_signals_after_the_run_are_ignored_not_fatal():
     before = signal.getsignal(signal.SIGUSR2)
     try:

@@ -59,8 +59,11 @@ hpcml_run_step() {
 # in this attempt, so requeue the job as rank 0 would have, unless Slurm is cancelling it.
 hpcml_requeue_after_early_stop() {
   local state
-  state=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*' || true)
-  if [ "$state" = JobState=CANCELLED ] || [ "${SLURM_RESTART_COUNT:-0}" -ge "${HPCML_MAX_REQUEUES:-0}" ]; then
+  state=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2 || true)
+  if [ "$state" = COMPLETING ]; then  # a cancelled job's steps are still ending; accounting knows why
+    state=$(sacct -X -n -P -j "$SLURM_JOB_ID" -o State 2>/dev/null | head -n 1 | cut -d' ' -f1 || true)
+  fi
+  if [ "$state" = CANCELLED ] || [ "${SLURM_RESTART_COUNT:-0}" -ge "${HPCML_MAX_REQUEUES:-0}" ]; then
     echo "hpcml: stopped while starting; not requeued ($state, restart ${SLURM_RESTART_COUNT:-0} of ${HPCML_MAX_REQUEUES:-0})" >&2
     return 1
   fi

@@ -5,12 +5,10 @@ seconds before hpcml runs (importing submitit, unpickling the job, importing tor
 here the signal recorder goes in first, and submitit's runner is called as it is.
 """
 
-from hpcml.compute import early_signals
-
-early_signals.install()
-
-# isort: split
-from submitit.core.submission import submitit_main  # noqa: E402
-
 if __name__ == "__main__":
+    from hpcml.compute import early_signals
+
+    early_signals.install()
+    from submitit.core.submission import submitit_main
+
     submitit_main()

@@ -60,6 +60,12 @@ class LocalClusterLayout:
     cred_expire_s: int = 10
     # Preemption grace: how long a low-priority job has between SIGTERM and the kill.
     preempt_grace_s: int = 20
+    # Site policies a job must cope with, switchable for tests (`up --job-requeue 0` and so on):
+    # JobRequeue=0 makes jobs not requeueable unless they ask (sbatch --requeue); CANCEL ends a preempted
+    # batch job instead of requeueing it; MaxArraySize caps the indices of one job array.
+    job_requeue: bool = True
+    batch_preempt_mode: str = "REQUEUE"
+    max_array_size: int = 1001
     hostname: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
 
     @property
@@ -127,8 +133,8 @@ SchedulerParameters=sched_interval=2,bf_interval=5
 # Keep the reason hpcml records when it gives up (requeue cap) where `sacct -o Comment` shows it.
 AccountingStoreFlags=job_comment
 ReturnToService=2
-JobRequeue=1
-MaxArraySize=1001
+JobRequeue={int(layout.job_requeue)}
+MaxArraySize={layout.max_array_size}
 # Partition-priority preemption, as many sites run it: a job in 'urgent' requeues jobs in 'batch'.
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
@@ -138,7 +144,7 @@ AccountingStoragePort={layout.slurmdbd_port}
 JobAcctGatherType=jobacct_gather/linux
 JobCompType=jobcomp/none
 NodeName={node_range} NodeHostname={layout.hostname} NodeAddr=127.0.0.1 Port=[{layout.first_slurmd_port}-{last_port}] CPUs={layout.cpus_per_node} RealMemory={layout.memory_mb_per_node} State=UNKNOWN
-PartitionName=batch Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime={layout.preempt_grace_s}
+PartitionName=batch Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode={layout.batch_preempt_mode} GraceTime={layout.preempt_grace_s}
 PartitionName=urgent Nodes=ALL Default=NO MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 """
 
@@ -408,13 +414,18 @@ def up(layout: LocalClusterLayout) -> None:
     ensure_packages()
     for d in (layout.etc, layout.log, layout.run, layout.state_dir / "slurmctld"):
         d.mkdir(parents=True, exist_ok=True)
-    layout.slurm_conf.write_text(render_slurm_conf(layout))
+    conf = render_slurm_conf(layout)
+    changed = not layout.slurm_conf.is_file() or layout.slurm_conf.read_text() != conf
+    layout.slurm_conf.write_text(conf)
     layout.slurmdbd_conf.write_text(render_slurmdbd_conf(layout))
     os.chmod(layout.slurmdbd_conf, 0o600)  # slurmdbd refuses a world-readable file holding a password
     start_munge()
     start_mariadb(layout)
     start_slurmdbd(layout)
     register_accounting(layout)
+    if changed and _pid_alive(layout.pid_file("slurmctld")):
+        # Already running with other settings: every daemon rereads slurm.conf.
+        _run(["scontrol", "reconfigure"], env=_slurm_env(layout))
     start_slurmctld(layout)
     for node in layout.nodes:
         start_slurmd(layout, node)
@@ -472,8 +483,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hpcml.localcluster", description=__doc__.splitlines()[0])
     parser.add_argument("verb", choices=["up", "down", "status"])
     parser.add_argument("--state-dir", type=Path, default=Path(".cluster"), help="where all state lives")
+    parser.add_argument("--job-requeue", type=int, choices=(0, 1), default=1, help="slurm.conf JobRequeue")
+    parser.add_argument(
+        "--batch-preempt-mode", choices=("REQUEUE", "CANCEL"), default="REQUEUE", help="what preemption does to 'batch'"
+    )
+    parser.add_argument("--max-array-size", type=int, default=1001, help="slurm.conf MaxArraySize")
     args = parser.parse_args(argv)
-    layout = LocalClusterLayout(state_dir=args.state_dir.resolve())
+    layout = LocalClusterLayout(
+        state_dir=args.state_dir.resolve(),
+        job_requeue=bool(args.job_requeue),
+        batch_preempt_mode=args.batch_preempt_mode,
+        max_array_size=args.max_array_size,
+    )
     try:
         if args.verb == "up":
             up(layout)

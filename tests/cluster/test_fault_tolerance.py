@@ -4,6 +4,7 @@ Every interrupted run must end bitwise equal to the same run uninterrupted, with
 interrupt. Runs are slowed (fault.step_sleep_s) so that an interrupt lands in the middle of training.
 """
 
+import contextlib
 import random
 import re
 import subprocess
@@ -307,3 +308,44 @@ def test_a_real_cancel_ends_the_job_cancelled_and_never_requeues_it():
     log = (out / "slurm" / f"{job}_0_log.err").read_text()
     assert f"job {job} was cancelled: checkpoint saved, not requeued" in log
     assert list((out / "checkpoints").glob("step-*"))
+
+
+@contextlib.contextmanager
+def site_policy(*flags: str):
+    """The local cluster reconfigured as a site may run it (`localcluster up` flags), then restored."""
+
+    def up(*args: str) -> None:
+        cmd = [PYTHON, "-m", "hpcml.localcluster", "up", "--state-dir", str(ROOT / ".cluster"), *args]
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+
+    up(*flags)
+    try:
+        yield
+    finally:
+        up()
+
+
+def test_a_site_with_job_requeue_0_still_gets_the_run_back(reference_sha):
+    """JobRequeue=0 refuses `scontrol requeue` of jobs that did not ask for it; hpcml's scripts ask."""
+    with site_policy("--job-requeue", "0"):
+        out = new_out("jobrequeue0")
+        proc = submit(out, *SLOW)
+        job = job_id_of(out)
+        wait_for_step(out, 80)
+        subprocess.run(["scancel", "--signal=TERM", job], check=True)
+        finish(proc)
+    assert read_result(out)["params_sha256"] == reference_sha
+    assert attempts(job) == ["REQUEUED", "COMPLETED"]
+
+
+def test_preemption_that_cancels_still_gets_the_run_back(reference_sha):
+    """PreemptMode=CANCEL: Slurm would end the job; rank 0 requeues it inside the grace time."""
+    with site_policy("--batch-preempt-mode", "CANCEL"):
+        out = new_out("preempt-cancel")
+        proc = submit(out, *SLOW)
+        job = job_id_of(out)
+        wait_for_step(out, 80)
+        interrupt("preemption", job)
+        finish(proc)
+    assert read_result(out)["params_sha256"] == reference_sha
+    assert attempts(job)[-1] == "COMPLETED" and len(attempts(job)) == 2, attempts(job)
