@@ -305,6 +305,9 @@ class FaultConfig:
     # Fail (on every rank, after the first step) while this file exists: a transient failure, like a bad
     # node or a full disk, that a later `hpcml resume` gets past once it is gone.
     raise_if_file_exists: str | None = None
+    # Rank `rank` dies of SIGSEGV before joining the world in the first N launches of each attempt's step: a
+    # stand-in for an MPI start-up crash, which the batch shell relaunches (cluster.startup_retries).
+    crash_at_start_launches: int = 0
 
 
 @dataclass

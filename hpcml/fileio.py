@@ -18,9 +18,8 @@ from typing import BinaryIO
 import xxhash
 
 # Checksums for corruption (torn writes, truncation, bit rot), not for tampering: checkpoints are loaded
-# with weights_only=True, which never runs code. XXH3-128 hashes at memory speed (about 10 GB/s on one
-# core here, against about 1 GB/s for SHA-256, slower than the disks it guards); SHA-256 stays readable
-# for checkpoints written before.
+# with weights_only=True, which never runs code. XXH3-128 hashes at memory speed, where SHA-256 is slower
+# than the disks it guards (docs/PERFORMANCE.md); SHA-256 stays readable for checkpoints written before.
 CHECKSUMS: dict[str, Callable[[], object]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 DEFAULT_CHECKSUM = "xxh3_128"
 

@@ -112,3 +112,33 @@ def test_sweep_array_script_matches_golden(two_partitions, tmp_path):
         pytest.skip(f"rewrote {golden.name}: review its diff (a rewritten file cannot also be compared with itself)")
     assert text == golden.read_text()
     assert "#SBATCH --array=0-2%2" in text
+
+
+def test_waiting_for_a_job_prints_each_new_state_and_returns_its_result(tmp_path, monkeypatch, capsys):
+    from hpcml.login import polling
+
+    states = iter(["UNKNOWN", "PENDING", "PENDING", "UNKNOWN", "RUNNING", "COMPLETED"])
+
+    class Watcher:
+        state = None
+
+        def get_state(self, job_id, mode):
+            self.state = next(states)
+            return self.state
+
+        def is_done(self, job_id, mode):
+            return self.state == "COMPLETED"
+
+    class Job:
+        job_id = "42"
+        watcher = Watcher()
+        paths = type("Paths", (), {"stderr": tmp_path / "42_0_log.err"})
+
+        def results(self):
+            return [None]
+
+    (tmp_path / "result.json").write_text('{"steps": 3}')
+    monkeypatch.setattr(polling.time, "sleep", lambda s: None)
+    assert launch.wait_for(Job(), tmp_path, poll_s=1.0) == {"steps": 3}
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == ["job 42: submitted", "job 42: PENDING", "job 42: RUNNING", "job 42: COMPLETED"]

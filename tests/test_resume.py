@@ -71,6 +71,18 @@ def test_async_periodic_saves_resume_exactly_too(ctx, tmp_path):
     assert Trainer(config(out), ctx).fit().result.params_sha256 == reference
 
 
+def test_a_checkpoint_holding_the_old_scaler_entry_still_resumes(ctx, tmp_path, monkeypatch):
+    """Earlier versions wrote "scaler": None into every train state; such checkpoints resume exactly."""
+    reference = Trainer(config(tmp_path / "ref"), ctx).fit().result.params_sha256
+    out = tmp_path / "run"
+    current = Trainer.train_state
+    monkeypatch.setattr(Trainer, "train_state", lambda self: {**current(self), "scaler": None})
+    assert run_interrupted(ctx, out, 23).step == 23
+    monkeypatch.undo()
+    final = Trainer(config(out), ctx).fit().result
+    assert final.resumed_from_step == 23 and final.params_sha256 == reference
+
+
 def test_resume_none_and_explicit_path(ctx, tmp_path):
     out = tmp_path / "run"
     run_interrupted(ctx, out, 10)
@@ -173,13 +185,13 @@ def test_time_based_saves_follow_the_clock(ctx, tmp_path, monkeypatch):
     now = [1000.0]
     monkeypatch.setattr(trainer_module.time, "monotonic", lambda: now[0])
     trainer = Trainer(config(tmp_path, every_minutes=2.0), ctx)
-    assert not trainer._periodic_save_due()
+    assert not trainer.periodic_save_due()
     now[0] += 119
-    assert not trainer._periodic_save_due()
+    assert not trainer.periodic_save_due()
     now[0] += 1
-    assert trainer._periodic_save_due()
+    assert trainer.periodic_save_due()
     trainer.save(wait=True)
-    assert not trainer._periodic_save_due()  # the clock restarts at each save
+    assert not trainer.periodic_save_due()  # the clock restarts at each save
 
 
 @pytest.mark.mpi

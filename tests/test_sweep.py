@@ -100,7 +100,7 @@ def test_status_watch_refreshes_until_every_trial_has_ended(tmp_path, monkeypatc
     )
     monkeypatch.setattr(sw.slurm, "array_task_states", lambda ids: next(polls))
     sleeps = []
-    monkeypatch.setattr("hpcml.login.cli.time.sleep", sleeps.append)
+    monkeypatch.setattr("hpcml.login.polling.time.sleep", sleeps.append)
     assert cli_main(["status", str(tmp_path), "--watch", "--interval", "7"]) == 0
     assert sleeps == [7.0, 7.0]  # three looks, and none after the last trial ended
     assert capsys.readouterr().out.rstrip().endswith("2 trials: 1 completed, 1 failed")

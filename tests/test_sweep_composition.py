@@ -108,25 +108,25 @@ def test_every_trial_of_a_sweep_is_what_hydra_composes_and_validates(composed, t
     trials = [[*shared, *(f"{key}={VALUES[key][i]}" for key in swept)] for i in range(3)]
     sweep_dir = tmp_path / "sweep"
     launcher, hydra = launcher_for(composed, sweep_dir, hydra_overrides)
-    derived = [launcher._trial(overrides, num) for num, overrides in enumerate(trials)]
+    derived = [launcher.validated_trial(overrides, num) for num, overrides in enumerate(trials)]
     for num, overrides in enumerate(trials):
         alone, _ = launcher_for(composed, sweep_dir, hydra_overrides)  # a fresh launcher composes its first trial
-        assert derived[num] == alone._trial(overrides, num)
+        assert derived[num] == alone.validated_trial(overrides, num)
     assert hydra.compositions == 1  # the first trial; the rest were derived
-    assert (launcher._template.config is not None) == values_alone
+    assert launcher.derives_from_validated_config == values_alone
     assert derived[0][0] != derived[1][0] and derived[0][1].parent == sweep_dir
 
 
 @pytest.mark.parametrize("bad", ["train.steps=0", "train.steps=many"])
 def test_a_bad_value_in_a_derived_trial_gets_the_error_composing_it_gets(composed, tmp_path, bad):
     launcher, _ = launcher_for(composed, tmp_path)
-    launcher._trial(["train.steps=5"], 0)
-    assert launcher._template.config is not None
+    launcher.validated_trial(["train.steps=5"], 0)
+    assert launcher.derives_from_validated_config
     with pytest.raises(Exception) as derived:
-        launcher._trial([bad], 1)
+        launcher.validated_trial([bad], 1)
     alone, _ = launcher_for(composed, tmp_path)
     with pytest.raises(Exception) as composed_whole:
-        alone._trial([bad], 1)
+        alone.validated_trial([bad], 1)
     assert type(derived.value) is type(composed_whole.value)
     assert str(derived.value) == str(composed_whole.value)
     if bad == "train.steps=0":

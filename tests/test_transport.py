@@ -197,6 +197,8 @@ def test_the_flat_path_needs_no_mpi_launcher(process_group):
 
 
 def test_the_mpi_comm_hook_reuses_its_bucket_views_until_the_buckets_move(process_group):
+    import weakref
+
     from hpcml.compute.gradsync import DDPGradientSync
 
     mpi_ctx = DistributedContext(process_group.placement, "gloo", process_group.device, "mpirun", uses_mpi=True)
@@ -206,8 +208,13 @@ def test_the_mpi_comm_hook_reuses_its_bucket_views_until_the_buckets_move(proces
     assert sync.reduce_bucket(0, bucket) is first and first.value() is bucket  # completed, step after step
     moved = torch.ones(10)
     assert sync.reduce_bucket(0, moved).value() is moved  # DDP laid its buckets out anew
+    # Index 1: the throwaway backward's one bucket (index 0) does not replace it, only dropping every view does.
+    unused = torch.ones(10)
+    sync.reduce_bucket(1, unused)
+    held = [weakref.ref(moved), weakref.ref(unused)]
     sync.settle(lambda module: module(torch.ones(1, 4)).sum())
-    assert not sync._mpi_buckets  # the throwaway backward's buckets are not kept alive
+    del moved, unused
+    assert [ref() for ref in held] == [None, None]  # no bucket from before the layout pass is kept alive
 
 
 def test_the_comm_hook_does_not_keep_ddp_and_its_process_group_alive(process_group):

@@ -132,8 +132,8 @@ def layouts(quick: bool) -> list[Layout]:
 
 
 def rounds_for(layout: Layout, quick: bool) -> int:
-    """Between the local cluster's nodes (TCP, 4 ranks on 2 cores) one path's time varies by a quarter from
-    round to round; more rounds let the best one stand for it."""
+    """Between nodes (TCP) one path's time varies much more from round to round; more rounds let the best
+    one stand for it."""
     if quick:
         return 2
     return 5 if layout.nodes > 1 else 3

@@ -31,9 +31,9 @@ def main() -> None:
         with open(sys.argv[1], "w") as f:
             json.dump({"first_step_at": first_step_at}, f)
     dist.barrier()
-    # No teardown: in CI this script's rank 0 once aborted at exit ("terminate called without an active
-    # exception", the TCPStore host leaving while a peer's threads still used it; hpcml's runtime guards
-    # against exactly that with barriers around destroy_process_group). The timing is written; leave now.
+    # No teardown: the TCPStore host leaving while a peer's threads still use it can abort a rank at exit
+    # ("terminate called without an active exception"), which hpcml's runtime prevents with barriers around
+    # destroy_process_group and a bare script does not. The timing is written; leave now.
     os._exit(0)
 
 

@@ -76,7 +76,7 @@ def _block(step, device: torch.device):
 
 
 def measure(v: training.Variant, ctx, budget_s: float, rounds: int, workdir: Path) -> dict:
-    trainer = training._trainer(v, ctx, workdir)
+    trainer = training.make_trainer(v, ctx, workdir)
     loop = HandWrittenLoop(trainer)
     blocks = {"hpcml": _block(trainer.train_step, ctx.device), "hand_written": _block(loop.step, ctx.device)}
     iters = iterations_for(blocks["hpcml"], budget_s)

@@ -51,7 +51,8 @@ COMPUTE_BOUND = Variant("compute-bound", width=256, depth=3, input_dim=256, per_
 COMM_BOUND = Variant("comm-bound", width=1024, depth=3, input_dim=256, per_rank_batch=8)
 
 
-def _trainer(v: Variant, ctx, workdir: Path) -> Trainer:
+def make_trainer(v: Variant, ctx, workdir: Path) -> Trainer:
+    """A settled Trainer for variant `v` on this job's ranks, ready for `train_step()`."""
     global_batch = v.per_rank_batch * ctx.world_size
     cfg = TrainJobConfig(
         model=ModelConfig(width=v.width, depth=v.depth),
@@ -67,8 +68,7 @@ def _trainer(v: Variant, ctx, workdir: Path) -> Trainer:
         ),
     )
     trainer = Trainer(cfg, ctx, stop_coordinator(cfg, ctx, PreemptionGuard([])))
-    x, y = trainer._batch(0)
-    trainer.sync.settle(lambda module: torch.nn.functional.cross_entropy(module(x), y))
+    trainer.settle()
     return trainer
 
 
@@ -90,7 +90,7 @@ def _without_sync(trainer: Trainer):
 
 
 def measure(v: Variant, ctx, budget_s: float, rounds: int, workdir: Path) -> dict:
-    trainer = _trainer(v, ctx, workdir)
+    trainer = make_trainer(v, ctx, workdir)
 
     def synced() -> None:
         trainer.train_step()
@@ -107,7 +107,7 @@ def measure(v: Variant, ctx, budget_s: float, rounds: int, workdir: Path) -> dic
             def loop() -> None:
                 trainer.stop = stop
                 trainer.train_step()
-                trainer._at_boundary()
+                trainer.boundary_decision()
 
             return loop
 

@@ -53,8 +53,8 @@ class Dataset:
 def _digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled digits (no download on a compute node), read straight from its CSV.
 
-    Importing sklearn.datasets to call load_digits took 0.9 s of a 3.4 s start-up (the start-up benchmark);
-    the file is what load_digits reads: 64 pixel columns (0-16) and the label, comma-separated, gzipped.
+    Importing sklearn.datasets to call load_digits is a large share of a rank's start-up; the file is what
+    load_digits reads: 64 pixel columns (0-16) and the label, comma-separated, gzipped.
     """
     spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:

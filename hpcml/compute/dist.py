@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,8 @@ from hpcml.compute.env import LauncherEnvironment, ProcessPlacement
 from hpcml.errors import ConfigError, RendezvousError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,14 @@ class DistributedContext:
     @property
     def is_main(self) -> bool:
         return self.placement.rank == 0
+
+
+def broadcast_from_rank0(value: T, ctx: DistributedContext) -> T:
+    """Rank 0's `value` (any picklable object), on every rank; a collective: every rank calls it."""
+    box = [value]
+    if ctx.world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def select_backend(requested: str, cuda_available: bool) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -31,9 +32,30 @@ DDP_FIRST_BUCKET_BYTES = 1 << 20
 # The flat path probes at most this much: beyond it both transports are bandwidth-bound and the choice
 # holds, while probing a multi-GB buffer would cost seconds and as much memory again.
 FLAT_PROBE_MAX_BYTES = 64 << 20
-# Its one size affords more rounds than DDP's ladder of sizes: one probe decides every step's all-reduce
-# (between the local cluster's nodes, 3 rounds once chose MPI at 4 MB, 2.4x slower than gloo there).
+# Its one size affords more rounds than DDP's ladder of sizes, and one probe decides every step's all-reduce.
 FLAT_PROBE_ROUNDS = 5
+
+
+class GradientSync(Protocol):
+    """What the trainer asks of a gradient sync, whichever kind `make_gradient_sync` chose."""
+
+    # What the trainer runs forward through (DDP's wrapper, or the bare model).
+    module: nn.Module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of `loss`, scaled where the sync sums rather than averages."""
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def synchronize(self) -> None:
+        """After backward: every rank holds the same averaged gradients when this returns."""
+
+    def settle(self, loss_of: Callable[[nn.Module], torch.Tensor]) -> None:
+        """Once before the first step (a fresh run or a resume): lay out buffers and choose transports."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict | None) -> None: ...
 
 
 def resolve_transport(requested: str, ctx: DistributedContext, grad_sync: str) -> str:
@@ -85,8 +107,7 @@ class DDPGradientSync:
             self.loss_scale = 1.0 / ctx.world_size
             # A weak reference: the reducer keeps its hook in C++, where the cycle collector cannot see it, so
             # a bound method would keep this object, DDP and its process group alive until interpreter exit,
-            # when gloo's worker threads die taking the GIL ("terminate called without an active exception",
-            # exit 134 after a finished run; seen in CI).
+            # when gloo's worker threads die taking the GIL ("terminate called without an active exception").
             self.module.register_comm_hook(weakref.ref(self), _reduce_bucket)
 
     def reduce_bucket(self, index: int, buffer: torch.Tensor) -> torch.futures.Future:
@@ -198,7 +219,7 @@ class FlatGradientSync:
 
 class NoGradientSync:
     """One rank alone: nothing to average. DDP would still run its reducer, bucket copies and a one-rank
-    all-reduce every step (measured: a third of a small model's step), for bitwise the same gradients."""
+    all-reduce every step, a large share of a small model's step, for bitwise the same gradients."""
 
     def __init__(self, model: nn.Module):
         self.module = model
@@ -222,7 +243,7 @@ class NoGradientSync:
         """Nothing to restore (a plan from a multi-rank run has no use here, and stays in that checkpoint)."""
 
 
-def make_gradient_sync(model: nn.Module, ctx: DistributedContext, cfg: TrainConfig):
+def make_gradient_sync(model: nn.Module, ctx: DistributedContext, cfg: TrainConfig) -> GradientSync:
     if cfg.grad_sync == "flat":
         return FlatGradientSync(model, ctx, cfg)
     if ctx.world_size == 1:

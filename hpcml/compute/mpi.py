@@ -78,20 +78,12 @@ class MPIWorld:
         """The largest of one number over all ranks, on every rank."""
         return self.comm.allreduce(value, op=_mpi().MAX)
 
-    def broadcast_array_(self, buffer: np.ndarray, root: int = 0) -> None:
-        """Overwrite `buffer` on every rank with root's values."""
-        self.comm.Bcast(buffer, root=root)
-
     def barrier(self) -> None:
         self.comm.Barrier()
 
     def abort(self, code: int = 1) -> None:
         """End every rank of the job now: a peer blocked in a collective must not wait forever."""
         self.comm.Abort(code)
-
-    @staticmethod
-    def library_version() -> str:
-        return _mpi().Get_library_version().splitlines()[0]
 
 
 @functools.lru_cache(maxsize=1)

@@ -67,8 +67,8 @@ class PreemptionGuard:
 
     def ignore_late_signals(self) -> None:
         """From now on, and after the guard closes: a time-limit warning that arrives while a finished
-        rank exits must not kill it (USR2's default action terminates the process; seen under mpirun,
-        which forwards it to every rank)."""
+        rank exits must not kill it (USR2's default action terminates the process, and mpirun forwards it
+        to every rank)."""
         self._ignoring = True
         for sig in self.signals:
             signal.signal(sig, signal.SIG_IGN)
@@ -107,8 +107,8 @@ class StopCoordinator:
     device: torch.device
     world_size: int
     is_main: bool
-    # With an MPI world the flags go over MPI: about 5 us per step against gloo's 200-300 us (2 ranks, one node),
-    # and no device synchronise on GPUs. Polled against the same timeout torch.distributed's collectives have.
+    # With an MPI world the flags go over MPI: far cheaper per step than gloo, and no device synchronise on GPUs.
+    # Polled against the same timeout torch.distributed's collectives have.
     over_mpi: bool = False
     timeout_s: float = 300.0
 

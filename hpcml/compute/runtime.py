@@ -12,15 +12,14 @@ import gc
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
 from pathlib import Path
 
-import torch.distributed as dist
-
 from hpcml.compute import mpi, slurm_job, step_record
-from hpcml.compute.dist import DistributedContext, setup_distributed, teardown_distributed
+from hpcml.compute.dist import DistributedContext, broadcast_from_rank0, setup_distributed, teardown_distributed
 from hpcml.compute.env import detect_environment
 from hpcml.compute.preempt import (
     EXIT_FAILED,
@@ -145,6 +144,14 @@ def stop_coordinator(cfg: TrainJobConfig, ctx: DistributedContext, guard: Preemp
     )
 
 
+def crash_if_drilled(cfg: TrainJobConfig, rank: int) -> None:
+    """fault.crash_at_start_launches: die as an MPI start-up crash does, before joining the world."""
+    if rank == cfg.fault.rank and step_record.startup_retries() < cfg.fault.crash_at_start_launches:
+        sys.stderr.write(f"[rank {rank}] fault.crash_at_start_launches: crashing before the world forms\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
 def run_training(cfg: TrainJobConfig) -> int:
     env = detect_environment()
     rank = env.placement().rank
@@ -153,6 +160,7 @@ def run_training(cfg: TrainJobConfig) -> int:
     guard = PreemptionGuard([parse_signal(cfg.preempt.signal), parse_signal("TERM")])
     try:
         with guard:
+            crash_if_drilled(cfg, rank)
             ctx = setup_distributed(env, cfg.train.backend, cfg.train.dist_timeout_s)
             log.info(
                 "rank %d/%d on node %d/%d (local rank %d), launcher=%s backend=%s device=%s",
@@ -173,10 +181,7 @@ def run_training(cfg: TrainJobConfig) -> int:
                 code = EXIT_OK
             else:
                 code = requeue_or_stop(cfg, outcome.stopped) if ctx.is_main else EXIT_OK
-                box = [code]
-                if ctx.world_size > 1:
-                    dist.broadcast_object_list(box, src=0)
-                code = box[0]
+                code = broadcast_from_rank0(code, ctx)
             guard.ignore_late_signals()  # the run is over: what remains is teardown and exit
     except BaseException as exc:
         # No orderly teardown here: peers may be blocked in a collective, and destroying the process

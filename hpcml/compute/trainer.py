@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from hpcml.compute import checkpoint as ckpt
 from hpcml.compute import slurm_job
 from hpcml.compute.data import GlobalBatchStream, load_dataset, on_device
-from hpcml.compute.dist import DistributedContext
+from hpcml.compute.dist import DistributedContext, broadcast_from_rank0
 from hpcml.compute.gradsync import make_gradient_sync
 from hpcml.compute.metrics import MetricsWriter
 from hpcml.compute.models import build_mlp
@@ -94,7 +94,7 @@ class Trainer:
         self.cfg = cfg
         self.ctx = ctx
         self.stop = stop
-        self.output_dir = Path(self._agreed(str(Path(cfg.train.output_dir).resolve())))
+        self.output_dir = Path(broadcast_from_rank0(str(Path(cfg.train.output_dir).resolve()), ctx))
         self.checkpoint_dir = (
             Path(cfg.checkpoint.dir).resolve() if cfg.checkpoint.dir else self.output_dir / "checkpoints"
         )
@@ -106,8 +106,6 @@ class Trainer:
         self.sync = make_gradient_sync(self.model, ctx, cfg.train)
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         self.scheduler = build_scheduler(cfg, self.optimizer)
-        # GPU runs with mixed precision would keep a torch.amp.GradScaler here; it is checkpointed when set.
-        self.scaler: torch.amp.GradScaler | None = None
         self.writer = (
             ckpt.CheckpointWriter(self.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
             if ctx.is_main
@@ -123,13 +121,6 @@ class Trainer:
 
     # ------------------------------------------------------------ collectives
 
-    def _agreed(self, value: Any) -> Any:
-        """Rank 0's value, for everyone."""
-        box = [value]
-        if self.ctx.world_size > 1:
-            dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def _barrier(self) -> None:
         if self.ctx.world_size > 1:
             dist.barrier()
@@ -141,7 +132,6 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "grad_sync": self.sync.state_dict(),
         }
 
@@ -155,7 +145,7 @@ class Trainer:
             elif mode != "none":
                 mine = ckpt.verify_and_load(Path(mode), self.ctx.rank, self.ctx.device)
             choice = (str(mine.path), mine.manifest) if mine else None
-        choice = self._agreed(choice)
+        choice = broadcast_from_rank0(choice, self.ctx)
         if mine is not None or choice is None:
             return mine
         # Rank 0 verified it; the others only load.
@@ -172,12 +162,11 @@ class Trainer:
                 f"{path} was written with train.global_batch_size={manifest['global_batch_size']}, this run uses "
                 f"{batch}; an exact resume needs the same global batch. Set it back, or checkpoint.resume=none."
             )
+        # Checkpoints of earlier versions also hold "scaler": None (an unused mixed-precision slot); never read.
         state = loaded.train_state
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler") is not None:
-            self.scaler.load_state_dict(state["scaler"])
         self.sync.load_state_dict(state.get("grad_sync"))
         if loaded.rng_state is not None:
             ckpt.restore_rng_state(loaded.rng_state)
@@ -218,7 +207,7 @@ class Trainer:
                 self.writer.wait()
             # The deadline check needs the whole cost of a save: stall plus (for async) the write.
             self._save_estimate_s = max(time.perf_counter() - started, self.writer.last_write_s or 0.0)
-        self._save_estimate_s = self._agreed(self._save_estimate_s)
+        self._save_estimate_s = broadcast_from_rank0(self._save_estimate_s, self.ctx)
         self._last_save_time = time.monotonic()
 
     def _maybe_inject_save_fault(self) -> None:
@@ -232,7 +221,8 @@ class Trainer:
             log.error("fault.kill_during_save_at_step=%d: killing rank 0 in the middle of a save", self.step)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def _periodic_save_due(self) -> bool:
+    def periodic_save_due(self) -> bool:
+        """Whether checkpoint.every_steps or checkpoint.every_minutes asks for a save at this step."""
         c = self.cfg.checkpoint
         by_steps = c.every_steps > 0 and self.step % c.every_steps == 0
         by_time = c.every_minutes > 0 and time.monotonic() - self._last_save_time >= 60 * c.every_minutes
@@ -268,12 +258,21 @@ class Trainer:
             time.sleep(fault.step_sleep_s)
         return loss.detach()
 
+    def settle(self) -> None:
+        """Before the first step of a run or a resume: the gradient sync lays out its buffers and chooses its
+        transports on this step's batch, and rank 0 allocates its checkpoint staging buffers."""
+        x, y = self._batch(self.step)
+        self.sync.settle(lambda module: F.cross_entropy(module(x), y))
+        if self.writer is not None:
+            self.writer.prepare(self.train_state())
+
     def _wait_checkpoint_staged(self) -> None:
         if self.writer is not None:
             self.writer.wait_staged()
 
-    def _at_boundary(self) -> BoundaryDecision:
-        save_due = self._periodic_save_due()
+    def boundary_decision(self) -> BoundaryDecision:
+        """Whether to stop or save after this step, the same on every rank (a collective: every rank calls it)."""
+        save_due = self.periodic_save_due()
         if self.stop is None:
             return BoundaryDecision(StopReason.NONE, save_due)
         return self.stop.agree(self._save_estimate_s, self._step_estimate_s, save_due)
@@ -297,10 +296,7 @@ class Trainer:
         self.resume()
         first_step = self.step
         if self.step < cfg.steps:
-            x, y = self._batch(self.step)
-            self.sync.settle(lambda module: F.cross_entropy(module(x), y))
-            if self.writer is not None:
-                self.writer.prepare(self.train_state())
+            self.settle()
         metrics = MetricsWriter(self.output_dir, self.ctx.is_main, cfg.steps, self.step)
         start = window_start = time.perf_counter()
         window_steps = 0
@@ -327,7 +323,7 @@ class Trainer:
                     )
                     window_start, window_steps = time.perf_counter(), 0
                 self._step_estimate_s = 0.9 * self._step_estimate_s + 0.1 * (time.perf_counter() - step_started)
-                decision = self._at_boundary()
+                decision = self.boundary_decision()
                 if decision.stop is not StopReason.NONE:
                     log.warning("stopping at step %d (%s): saving a checkpoint", self.step, decision.stop.name.lower())
                     self.save(wait=True)

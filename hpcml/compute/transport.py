@@ -31,8 +31,7 @@ AUTO = "auto"  # train.transport: probe both, per buffer size
 # Probe sizes: a ladder by factors of 4, from here up to the largest bucket.
 SMALLEST_PROBE_BYTES = 64 << 10
 # Each size is timed in rounds that alternate the transports, each round filling about this long per
-# transport; the median round decides. One round was not enough between nodes here: Open MPI's TCP path
-# takes either ~5 or ~20 ms for 1 MB, and a single lucky round picked it over gloo at 4x the cost.
+# transport; the median round decides, since between nodes a single round is noisy enough to pick the slower.
 PROBE_ROUNDS = 3
 PROBE_BUDGET_S = 0.01
 
@@ -116,8 +115,8 @@ def settled_choice(per_round: dict[str, list[float]], rounds: int) -> str | None
 
     A median only moves with its values, so the rounds to come can pull it no lower than all of them taking
     no time and no higher than all taking for ever. When the two transports differ a lot (within a node),
-    2 rounds of 3 (3 of 5) settle it, with exactly the choice all rounds give: 2 ranks on one node here,
-    the probe took 0.61 s against 0.78 s. Between nodes, where the two are close, every round runs.
+    2 rounds of 3 (3 of 5) settle it, with exactly the choice all rounds give. Between nodes, where the two
+    are close, every round runs.
     """
     done = len(per_round[TORCH])
     if done == 0:

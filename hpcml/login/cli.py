@@ -1,7 +1,8 @@
-"""`hpcml`: look after sweeps from the login node.
+"""`hpcml`: look after runs and sweeps from the login node.
 
-hpcml status outputs/sweeps/<time> [--watch]     one row per trial: state, restarts, step, metrics
-                                                 (--watch: refreshed until every trial has ended)
+hpcml status outputs/sweeps/<time> [--watch]     one row per trial: state, restarts, start-up retries,
+                                                 step, metrics (--watch: refreshed until every trial has
+                                                 ended); a single run's outputs/runs/<time> works too
 hpcml report outputs/sweeps/<time> [--metric test_accuracy --mode max]
 hpcml resume outputs/sweeps/<time>               resubmit only trials that failed or never finished
 """
@@ -14,10 +15,9 @@ import time
 from pathlib import Path
 
 from hpcml.errors import HpcmlError, SubmissionError, report_error
-from hpcml.login.sweep import TrialStatus, load_sweep, resume_sweep, sweep_status
-from hpcml.slurm_commands import TERMINAL_STATES
+from hpcml.login.sweep import TrialStatus, follow, load_sweep, resume_sweep, sweep_status
 
-COLUMNS = ("trial", "overrides", "state", "restarts", "step", "loss", "test_acc", "elapsed", "error")
+COLUMNS = ("trial", "overrides", "state", "restarts", "retries", "step", "loss", "test_acc", "elapsed", "error")
 
 
 def _fmt(value: float | None) -> str:
@@ -31,6 +31,7 @@ def render_status(rows: list[TrialStatus]) -> str:
             r.overrides,
             r.state,
             str(r.restarts),
+            str(r.startup_retries),
             str(r.step),
             _fmt(r.loss),
             _fmt(r.test_accuracy),
@@ -49,18 +50,17 @@ def render_status(rows: list[TrialStatus]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    sweep = load_sweep(args.sweep_dir)
-    while True:
-        rows = sweep_status(sweep)
-        table = render_status(rows)
-        if not args.watch:
-            print(table)
-            return 0
-        print(f"\033[2J\033[H{time.strftime('%H:%M:%S')}  {sweep.path}\n{table}", flush=True)
-        # A watch that outlives the sweep would hold the terminal for nothing: stop once every trial ended.
-        if all(r.state in TERMINAL_STATES for r in rows):
-            return 0
-        time.sleep(args.interval)
+    sweep = load_sweep(args.sweep_dir, single_runs=True)
+    if not args.watch:
+        print(render_status(sweep_status(sweep)))
+        return 0
+    # Until every trial has ended: a watch that outlives the sweep would hold the terminal for nothing.
+    follow(
+        sweep,
+        args.interval,
+        lambda rows: f"\033[2J\033[H{time.strftime('%H:%M:%S')}  {sweep.path}\n{render_status(rows)}",
+    )
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from hpcml.config import TrainJobConfig, to_plain_dict
 from hpcml.errors import SubmissionError
 from hpcml.job_entry import TrainingJob
 from hpcml.login import slurm
+from hpcml.login.polling import poll_until
 from hpcml.outputs import RESULT_FILE
 
 JOB_FOLDER = "slurm"
@@ -142,19 +142,15 @@ def submit(cfg: TrainJobConfig) -> submitit.Job | None:
 def wait_for(job: submitit.Job, output_dir: str | Path, poll_s: float) -> dict[str, Any]:
     """Block until the job ends; return its result.json, or raise with the failure and where to look."""
     print(f"job {job.job_id}: submitted", flush=True)
-    last_state = None
-    # Done means Slurm says the job ended, not merely that rank 0 wrote its result: only then are the
-    # accounting records and every rank's log final.
-    while True:
-        state = job.watcher.get_state(job.job_id, mode="force")
+    final_state = poll_until(
+        lambda: job.watcher.get_state(job.job_id, mode="force"),
+        # Done means Slurm says the job ended, not merely that rank 0 wrote its result: only then are the
+        # accounting records and every rank's log final.
+        lambda _: job.watcher.is_done(job.job_id, mode="cache"),
+        poll_s,
         # UNKNOWN: neither squeue nor sacct lists the job yet; "submitted" already says all that is known.
-        if state != last_state and state != "UNKNOWN":
-            print(f"job {job.job_id}: {state}", flush=True)
-            last_state = state
-        if job.watcher.is_done(job.job_id, mode="cache"):
-            break
-        time.sleep(poll_s)
-    final_state = state
+        lambda state: None if state == "UNKNOWN" else f"job {job.job_id}: {state}",
+    )
     try:
         job.results()  # one entry per rank; raises with the failing rank's traceback
     except Exception as err:  # submitit raises FailedJobError / UncompletedJobError with the rank's traceback

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,12 +21,13 @@ from hpcml.errors import HpcmlError
 from hpcml.fileio import write_atomically
 from hpcml.job_entry import TrainingJob
 from hpcml.login import launch, slurm
+from hpcml.login.polling import poll_until
 from hpcml.outputs import JOB_RECORD, METRICS_FILE, RESULT_FILE, read_metrics
 from hpcml.slurm_commands import ACTIVE_STATES, TERMINAL_STATES
 
 SWEEP_FILE = "sweep.json"
 TRIAL_CONFIG = "trial_config.json"
-# libyaml's emitter where PyYAML was built with it: OmegaConf's pure-Python one took 1.8 ms a trial.
+# libyaml's emitter where PyYAML was built with it: OmegaConf's pure-Python one dominated a trial's cost.
 _YamlDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
@@ -68,18 +70,34 @@ def open_sweep(path: Path, trials: list[Trial]) -> Sweep:
     return Sweep(Path(path), list(trials), time.time())
 
 
-def load_sweep(path: Path) -> Sweep:
+def load_sweep(path: Path, single_runs: bool = False) -> Sweep:
+    """The sweep recorded at `path`; with single_runs, a submitted single run's directory is read as a sweep
+    of one trial (for `hpcml status`)."""
     record = Path(path) / SWEEP_FILE
     if not record.is_file():
+        job_id = submitted_job_id(Path(path)) if single_runs else None
+        if job_id is not None:
+            return Sweep(Path(path), [Trial(0, [], ".", job_id)], Path(path).stat().st_mtime)
         raise SweepError(
-            f"{path} is not a sweep directory (no {SWEEP_FILE}); give the directory that "
-            "`python jobs/train.py -m ...` printed, e.g. outputs/sweeps/<time>."
+            f"{path} is not a sweep directory (no {SWEEP_FILE})"
+            + (" nor the directory of a submitted run" if single_runs else "")
+            + "; give the directory that `python jobs/train.py -m ...` printed, e.g. outputs/sweeps/<time>."
         )
     try:
         data = json.loads(record.read_text())
         return Sweep(Path(path), [Trial(**t) for t in data["trials"]], data["created"])
     except (ValueError, KeyError, TypeError) as err:
         raise SweepError(f"{record} is unreadable: {err}") from err
+
+
+def submitted_job_id(run_dir: Path) -> str | None:
+    """The Slurm job a single run's directory belongs to: its job record, else submitit's pickle."""
+    try:
+        return str(json.loads((run_dir / JOB_RECORD).read_text())["job_id"])
+    except (OSError, ValueError, KeyError):
+        pass
+    pickles = sorted((run_dir / launch.JOB_FOLDER).glob("*_submitted.pkl"), key=lambda p: p.stat().st_mtime)
+    return pickles[-1].name.split("_")[0] if pickles else None
 
 
 def trial_config(sweep: Sweep, trial: Trial) -> TrainJobConfig:
@@ -149,6 +167,8 @@ class TrialStatus:
     overrides: str
     state: str
     restarts: int
+    # Steps relaunched after dying at start-up outside the job's code (batch_shell.sh), over all attempts.
+    startup_retries: int
     step: int
     loss: float | None
     test_accuracy: float | None
@@ -185,10 +205,11 @@ def first_error(sweep: Sweep, trial: Trial) -> str:
     return fallback
 
 
-def restarts_of(trial_dir: Path) -> int:
+def job_record_count(trial_dir: Path, key: str) -> int:
+    """A count from the trial's slurm_job.json: restart_count, startup_retries; 0 before it exists."""
     try:
-        return int(json.loads((trial_dir / JOB_RECORD).read_text())["restart_count"])
-    except (OSError, ValueError, KeyError):
+        return int(json.loads((trial_dir / JOB_RECORD).read_text()).get(key, 0))
+    except (OSError, ValueError, TypeError):
         return 0
 
 
@@ -217,7 +238,8 @@ def sweep_status(sweep: Sweep) -> list[TrialStatus]:
                 trial.num,
                 " ".join(shown[trial.num]),
                 state,
-                restarts_of(trial_dir),
+                job_record_count(trial_dir, "restart_count"),
+                job_record_count(trial_dir, "startup_retries"),
                 step,
                 loss,
                 accuracy,
@@ -242,15 +264,8 @@ def resume_sweep(sweep: Sweep) -> list[Trial]:
     return todo
 
 
-def follow(sweep: Sweep, poll_s: float, render) -> list[TrialStatus]:
+def follow(sweep: Sweep, poll_s: float, render: Callable[[list[TrialStatus]], str]) -> list[TrialStatus]:
     """Block until every trial has ended, re-rendering the status table whenever it changes."""
-    last = None
-    while True:
-        rows = sweep_status(sweep)
-        table = render(rows)
-        if table != last:
-            print(table, flush=True)
-            last = table
-        if all(r.state in TERMINAL_STATES for r in rows):
-            return rows
-        time.sleep(poll_s)
+    return poll_until(
+        lambda: sweep_status(sweep), lambda rows: all(r.state in TERMINAL_STATES for r in rows), poll_s, render
+    )

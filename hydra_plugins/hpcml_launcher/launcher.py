@@ -4,19 +4,19 @@ Every trial is composed and validated before anything is submitted, so an unknow
 value fails the whole sweep on the login node with nothing left half-submitted. Trials that do not
 submit (cluster.submit=false) run one after another right here, as Hydra's basic launcher would.
 
-Composing a config with Hydra costs about 0.1 s (defaults tree, schema, merges); a 1000-trial sweep spent
-minutes on it. Trials that differ from the first only in the values of plain keys (`optim.lr=...`, the
+Composing a config with Hydra is slow (defaults tree, schema, merges: docs/PERFORMANCE.md has the
+figures), and a 1000-trial sweep spent minutes on it. Trials that differ from the first only in the values of plain keys (`optim.lr=...`, the
 usual sweep) are derived from the first trial instead; anything else (config groups, +/++/~ overrides,
 dict values, hydra.* keys) is composed by Hydra as before. Two ways to derive, fastest first:
 - from the first trial's validated config: the changed values are set and checked section by section
-  (hpcml.config.with_values, about 1 ms); only where no task value is an interpolation (one could read a
+  (hpcml.config.with_values, the fastest); only where no task value is an interpolation (one could read a
   swept key) and the trial's subdir reads only hydra.* keys;
 - otherwise from its composed config, applying the overrides exactly as Hydra's composition applies such
-  an override (OmegaConf.update, merge=True), then validating the whole (about 10 ms).
+  an override (OmegaConf.update, merge=True), then validating the whole.
 A value either way rejects goes back to Hydra's composition, whose error message the user then sees.
 
 JobReturn.cfg is left None: neither Hydra's sweepers nor Optuna's read it, and a DictConfig per trial
-costs more (2.5 ms) than deriving the trial.
+costs more than deriving the trial.
 
 No `from __future__ import annotations` here: Hydra's plugin scan executes this module outside
 sys.modules, where dataclasses cannot resolve string annotations.
@@ -157,7 +157,7 @@ class HpcmlLauncher(Launcher):
         self.hydra_context = hydra_context
         self.task_function = task_function
 
-    def _trial(self, overrides: list[str], num: int) -> tuple[TrainJobConfig, Path]:
+    def validated_trial(self, overrides: list[str], num: int) -> tuple[TrainJobConfig, Path]:
         """Trial `num`'s validated config and its directory."""
         parsed = OverridesParser.create().parse_overrides(overrides)
         derived = self._derive_validated(parsed, num)
@@ -171,6 +171,12 @@ class HpcmlLauncher(Launcher):
             template.config = config
             template.hydra_scratch = copy.deepcopy(OmegaConf.masked_copy(template.composed, ["hydra"]))
         return config, trial_dir
+
+    @property
+    def derives_from_validated_config(self) -> bool:
+        """Whether later trials are derived from the first trial's validated config, the fastest way (only
+        where the new values alone decide a trial: values_alone_decide)."""
+        return self._template is not None and self._template.config is not None
 
     def _derive_validated(self, parsed: list[Override], num: int) -> tuple[TrainJobConfig, Path] | None:
         template = self._template
@@ -233,7 +239,7 @@ class HpcmlLauncher(Launcher):
         for offset, overrides in enumerate(job_overrides):
             num = initial_job_idx + offset
             try:
-                config, trial_dir = self._trial(list(overrides), num)
+                config, trial_dir = self.validated_trial(list(overrides), num)
             except ConfigError as err:
                 raise ConfigError(f"trial {num} ({' '.join(filter_overrides(overrides))}): {err}") from err
             configs.append(config)
