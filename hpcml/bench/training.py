@@ -2,14 +2,17 @@
 
 Each variant builds a real `Trainer` on a synthetic problem and times `train_step()` (data slice,
 forward, backward with gradient sync, optimizer step) against the same step without gradient sync
-(DDP's `no_sync()`, or the flat path's all-reduce skipped), in alternating blocks. So every rank count
+(DDP's `no_sync()`, or the flat path's all-reduce skipped). All variants of one rank count are built
+first and then timed in rounds, each round timing every variant's every path once, so the knobs are
+compared with the defaults round by round; every round's time is kept. So every rank count
 gives samples/s, the share of the step spent waiting on communication (1 - local / synced), and,
 against one rank, the scaling efficiency. The two main variants also time the loop's whole step: the
 step plus the step-boundary stop agreement every rank makes (over MPI under an MPI launcher, as in
 training), against the same agreement over torch.distributed. The per-rank batch is fixed (weak
 scaling), as data-parallel jobs usually grow. Two model sizes: compute-bound (wide batch, small model) and communication-bound
 (big model, small batch); the latter also sweeps DDP's bucket size and gradient-as-bucket-view, and
-hpcml's transport choice against DDP's built-in gloo path.
+hpcml's transport choice against DDP's built-in gloo path. Scaling figures compare with the 1-rank
+run, a separate launch: their rounds are paired by number, not alternated.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -27,7 +32,7 @@ from hpcml.bench.launch import Layout, run_worker
 from hpcml.bench.record import BenchResult, Figure
 from hpcml.compute.dist import setup_distributed, teardown_distributed
 from hpcml.compute.env import detect_environment
-from hpcml.compute.preempt import PreemptionGuard
+from hpcml.compute.preempt import PreemptionGuard, StopCoordinator
 from hpcml.compute.runtime import stop_coordinator
 from hpcml.compute.trainer import Trainer
 from hpcml.compute.transport import iterations_for, mean_time
@@ -89,8 +94,22 @@ def _without_sync(trainer: Trainer):
     return _Skip()
 
 
-def measure(v: Variant, ctx, budget_s: float, rounds: int, workdir: Path) -> dict:
-    trainer = make_trainer(v, ctx, workdir)
+def loop_step(trainer: Trainer, stop: StopCoordinator | None = None) -> Callable[[], None]:
+    """The loop's whole step, as `Trainer.fit()` runs it between saves: `train_step()` and the step-boundary
+    decision (the stop agreement every rank makes). `stop`, if given, replaces the trainer's agreement."""
+    stop = stop or trainer.stop
+
+    def step() -> None:
+        trainer.stop = stop
+        trainer.train_step()
+        trainer.boundary_decision()
+
+    return step
+
+
+def timed_paths(v: Variant, trainer: Trainer, ctx) -> dict[str, Callable[[], None]]:
+    """What is timed of variant `v`: its step with and without gradient sync, and for the two main variants
+    the loop's whole step with the agreement as training makes it and over torch.distributed."""
 
     def synced() -> None:
         trainer.train_step()
@@ -99,51 +118,58 @@ def measure(v: Variant, ctx, budget_s: float, rounds: int, workdir: Path) -> dic
         with _without_sync(trainer) if ctx.world_size > 1 else nullcontext():
             trainer.train_step()
 
-    ops = {"synced": synced, "local": local}
+    paths = {"synced": synced, "local": local}
     if v.name in (COMPUTE_BOUND.name, COMM_BOUND.name) and ctx.world_size > 1:
-        over_mpi, over_torch = trainer.stop, replace(trainer.stop, over_mpi=False)
+        paths["loop"] = loop_step(trainer)
+        paths["loop_torch_agreement"] = loop_step(trainer, replace(trainer.stop, over_mpi=False))
+    return paths
 
-        def loop_with(stop):
-            def loop() -> None:
-                trainer.stop = stop
-                trainer.train_step()
-                trainer.boundary_decision()
 
-            return loop
-
-        ops.update(loop=loop_with(over_mpi), loop_torch_agreement=loop_with(over_torch))
-    iters = iterations_for(synced, budget_s)
-    best = {name: float("inf") for name in ops}
-    for _ in range(rounds):
-        for name, op in ops.items():
-            best[name] = min(best[name], mean_time(op, iters, warmup=0))
-    best_synced, best_local = best["synced"], best["local"]
+def row_for(v: Variant, trainer: Trainer, ctx, rounds_s: dict[str, list[float]]) -> dict:
+    """Variant `v`'s measurement: medians over rounds, and every round's seconds per step per path."""
+    median = {name: statistics.median(times) for name, times in rounds_s.items()}
     loop = {}
-    if "loop" in best:
+    if "loop" in median:
         loop = {
-            "loop_step_s": best["loop"],
-            "loop_torch_agreement_step_s": best["loop_torch_agreement"],
+            "loop_step_s": median["loop"],
+            "loop_torch_agreement_step_s": median["loop_torch_agreement"],
             "agreement_over_mpi": ctx.uses_mpi,
         }
     params = sum(p.numel() for p in trainer.model.parameters())
+    shares = [max(0.0, 1 - local / synced) for synced, local in zip(rounds_s["synced"], rounds_s["local"], strict=True)]
     return {
         **loop,
         **asdict(v),
         "ranks": ctx.world_size,
         "params": params,
         "grad_mb": params * 4 / 2**20,
-        "step_s": best_synced,
-        "local_step_s": best_local,
-        "samples_per_s": v.per_rank_batch * ctx.world_size / best_synced,
-        "comm_wait_share": max(0.0, 1 - best_local / best_synced),
+        "step_s": median["synced"],
+        "local_step_s": median["local"],
+        "samples_per_s": v.per_rank_batch * ctx.world_size / median["synced"],
+        "comm_wait_share": statistics.median(shares),
+        "rounds_s": rounds_s,
         "transport_plan": trainer.sync.state_dict().get("transport_plan"),
     }
+
+
+def measure(variants: list[Variant], ctx, budget_s: float, rounds: int, workdir: Path) -> list[dict]:
+    """Every variant built and settled first, then `rounds` rounds, each timing every path of every variant
+    once: a knob and the defaults see the same drift, and so do a step and its baseline."""
+    trainers = [make_trainer(v, ctx, workdir) for v in variants]
+    paths = [timed_paths(v, t, ctx) for v, t in zip(variants, trainers, strict=True)]
+    iters = [iterations_for(p["synced"], budget_s) for p in paths]
+    rounds_s: list[dict[str, list[float]]] = [{name: [] for name in p} for p in paths]
+    for _ in range(rounds):
+        for p, n, times in zip(paths, iters, rounds_s, strict=True):
+            for name, op in p.items():
+                times[name].append(mean_time(op, n, warmup=0))
+    return [row_for(v, t, ctx, r) for v, t, r in zip(variants, trainers, rounds_s, strict=True)]
 
 
 def worker(out: Path, variants: list[Variant], budget_s: float, rounds: int) -> None:
     ctx = setup_distributed(detect_environment(), "gloo", timeout_s=600)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    rows = [measure(v, ctx, budget_s, rounds, out.parent) for v in variants]
+    rows = measure(variants, ctx, budget_s, rounds, out.parent)
     teardown_distributed()
     if ctx.is_main:
         out.write_text(json.dumps(rows))
@@ -167,33 +193,39 @@ def plan(quick: bool) -> dict[int, list[Variant]]:
     return by_ranks
 
 
+def _samples_per_s(r: dict, path: str) -> list[float]:
+    """Each round's samples/s of row `r`'s `path`."""
+    batch = r["per_rank_batch"] * r["ranks"]
+    return [batch / seconds for seconds in r["rounds_s"][path]]
+
+
 def figures_for(rows: list[dict]) -> list[Figure]:
     figures = []
     single = {r["name"]: r for r in rows if r["ranks"] == 1}
     for r in rows:
         if r["name"] in (COMPUTE_BOUND.name, COMM_BOUND.name) and r["ranks"] > 1 and r["name"] in single:
+            one = _samples_per_s(single[r["name"]], "synced")
             figures.append(
-                Figure(
+                Figure.from_rounds(
                     "training",
                     f"{r['name']} samples/s, {r['ranks']} ranks (comm wait {100 * r['comm_wait_share']:.0f}% of a step)",
                     "samples/s",
-                    r["samples_per_s"],
+                    _samples_per_s(r, "synced"),
                     f"{r['ranks']} x 1 rank",
-                    r["ranks"] * single[r["name"]]["samples_per_s"],
+                    [r["ranks"] * s for s in one],
                     higher_is_better=True,
                 )
             )
     for r in rows:
         if "loop_step_s" in r:
-            batch = r["per_rank_batch"] * r["ranks"]
             figures.append(
-                Figure(
+                Figure.from_rounds(
                     "training",
                     f"{r['name']} loop step (step + stop agreement), {r['ranks']} ranks",
                     "samples/s",
-                    batch / r["loop_step_s"],
+                    _samples_per_s(r, "loop"),
                     "agreement over torch.distributed",
-                    batch / r["loop_torch_agreement_step_s"],
+                    _samples_per_s(r, "loop_torch_agreement"),
                     higher_is_better=True,
                 )
             )
@@ -202,13 +234,13 @@ def figures_for(rows: list[dict]) -> list[Figure]:
     for r in rows:
         if r["name"].startswith("comm-bound ") and r["ranks"] == top:
             figures.append(
-                Figure(
+                Figure.from_rounds(
                     "training",
                     f"{r['name']}, {top} ranks",
                     "samples/s",
-                    r["samples_per_s"],
+                    _samples_per_s(r, "synced"),
                     "hpcml defaults (25 MB, view, auto)",
-                    default["samples_per_s"],
+                    _samples_per_s(default, "synced"),
                     higher_is_better=True,
                 )
             )
