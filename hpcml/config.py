@@ -298,6 +298,9 @@ class FaultConfig:
     # Deliberate failures for drills and tests: prove that one failing rank ends the whole job promptly,
     # and that a process killed in the middle of a save leaves the previous checkpoint intact.
     raise_at_step: int | None = None
+    # Rank `rank` stops answering at this step (sleeps for good, as a rank stuck in I/O or a driver does):
+    # its peers' next collective must fail after train.dist_timeout_s instead of hanging.
+    hang_at_step: int | None = None
     kill_during_save_at_step: int | None = None
     rank: int = 0
     # Slow each step down (seconds), so that tests can interrupt a run at a chosen moment.

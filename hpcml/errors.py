@@ -27,6 +27,10 @@ class CollectiveTimeout(HpcmlError):
     """Some rank did not reach a collective in time: it is stuck, or died without taking the job down."""
 
 
+class ReplicasDivergedError(HpcmlError):
+    """Data-parallel replicas ended with different parameters: the run's result cannot be trusted."""
+
+
 class DataError(HpcmlError):
     """The training data is missing or not in the expected format."""
 

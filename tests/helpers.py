@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -72,3 +74,47 @@ def last_logged_step(out_dir: Path) -> int:
         return 0
     steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
     return max(steps, default=0)
+
+
+def executed_spans(rank0_log: str) -> list[tuple[int, int | None]]:
+    """(first step, last step) of each attempt in a job's rank-0 log, in order: an attempt starts at 0 or at
+    the step it resumed from, and ends where it stopped or finished (None: it never said)."""
+    import re
+
+    spans: list[list] = []
+    for line in rank0_log.splitlines():
+        if not line.startswith("[rank 0]"):  # mpirun's log holds every rank's lines
+            continue
+        if re.search(r"INFO hpcml: rank 0/\d+ on node", line):
+            spans.append([0, None])
+        elif spans and (found := re.search(r"resumed from \S+ \(step (\d+)", line)):
+            spans[-1][0] = int(found.group(1))
+        elif spans and (found := re.search(r"stopping at step (\d+)|done: (\d+) steps", line)):
+            spans[-1][1] = int(found.group(1) or found.group(2))
+    return [(start, end) for start, end in spans]
+
+
+def assert_nothing_lost(rank0_log: str, total_steps: int, attempts: int) -> None:
+    """Each attempt resumed from exactly the step the one before stopped at, and the steps executed over
+    all attempts add up to the run's steps: none repeated, none skipped."""
+    spans = executed_spans(rank0_log)
+    assert len(spans) == attempts, spans
+    assert spans[0][0] == 0 and all(end is not None for _, end in spans), spans
+    for (_, stopped), (resumed, _) in itertools.pairwise(spans):
+        assert resumed == stopped, f"stopped at {stopped} but resumed at {resumed}: {spans}"
+    assert sum(end - start for start, end in spans) == total_steps, spans
+
+
+@contextlib.contextmanager
+def site_policy(*flags: str):
+    """The local cluster reconfigured as a site may run it (`localcluster up` flags), then restored."""
+
+    def up(*args: str) -> None:
+        cmd = [PYTHON, "-m", "hpcml.localcluster", "up", "--state-dir", str(ROOT / ".cluster"), *args]
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+
+    up(*flags)
+    try:
+        yield
+    finally:
+        up()

@@ -77,3 +77,63 @@ def test_one_failing_rank_ends_every_rank_with_its_traceback(tmp_path):
     assert "[rank 2] RuntimeError: injected fault on rank 2 at step 5" in done.stderr
     # 100000 steps would take minutes; the abort ends all four ranks within seconds of the fault.
     assert elapsed < 60, f"ranks lingered {elapsed:.0f}s after one failed"
+
+
+def run_mpmd(out_dir, rank1_extra: list[str], ranks: int = 4):
+    """4 ranks where rank 1 alone gets extra overrides (MPI's MPMD launch): a deliberate mutation made from
+    the test, with no hook in hpcml."""
+    import subprocess
+
+    from helpers import PYTHON, ROOT, TRAIN, mpi_env
+
+    common = [*STEPS, f"train.output_dir={out_dir}", f"hydra.run.dir={out_dir}", "train.backend=gloo"]
+    program = [PYTHON, TRAIN, *common, "train.grad_sync=ddp", "train.transport=torch"]
+    cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", "1", *program]
+    cmd += [":", "-np", "1", *program, *rank1_extra, ":", "-np", str(ranks - 2), *program]
+    return subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.mpi
+def test_the_comparison_catches_a_rank_training_on_the_wrong_slice(one_process, tmp_path):
+    """Teeth for the test above: rank 1 draws its share from a differently shuffled stream (train.seed=1),
+    and the 4-rank weights no longer match one process."""
+    done = run_mpmd(tmp_path, ["train.seed=1"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    four = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert read_result(tmp_path)["replicas_identical"]  # DDP keeps the replicas equal: only the data is wrong
+    assert any(not torch.allclose(four[n], one_process[n], rtol=1e-4, atol=1e-5) for n in one_process)
+
+
+@pytest.mark.mpi
+def test_diverged_replicas_fail_the_run(tmp_path):
+    """Rank 1 applies a different learning rate to the same averaged gradients: the replicas drift apart,
+    and the run exits non-zero naming it, with every rank's checksum in result.json."""
+    done = run_mpmd(tmp_path, ["optim.lr=0.07"])
+    assert done.returncode != 0
+    assert "replicas diverged: parameter checksums differ across ranks" in done.stderr
+    result = read_result(tmp_path)
+    assert not result["replicas_identical"] and len(set(result["rank_params_sha256"])) == 2
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("launcher", ["torchrun", "mpirun"])
+def test_a_rank_that_stops_answering_fails_the_job_after_the_timeout(launcher, tmp_path):
+    """A peer blocked in a collective (torch.distributed under torchrun; the MPI stop agreement or gloo under
+    mpirun) gives up after train.dist_timeout_s and the whole job ends, instead of hanging for ever."""
+    import subprocess
+
+    from helpers import PYTHON, ROOT, TRAIN, mpi_env
+
+    args = [*STEPS, f"train.output_dir={tmp_path}", f"hydra.run.dir={tmp_path}", "train.backend=gloo"]
+    args += ["fault.hang_at_step=5", "fault.rank=1", "train.dist_timeout_s=10"]
+    if launcher == "torchrun":
+        cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", TRAIN, *args]
+    else:
+        cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", "2", PYTHON, TRAIN, *args]
+    started = time.monotonic()
+    done = subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=240)
+    took = time.monotonic() - started
+    assert done.returncode != 0
+    assert "fault.hang_at_step=5: this rank stops answering" in done.stderr
+    assert took < 120, f"the job took {took:.0f} s to end"  # 10 s timeout + start-up + teardown
+    assert not (tmp_path / "result.json").exists()

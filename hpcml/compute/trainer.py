@@ -26,7 +26,7 @@ from hpcml.compute.metrics import MetricsWriter
 from hpcml.compute.models import build_mlp
 from hpcml.compute.preempt import BoundaryDecision, StopCoordinator, StopReason
 from hpcml.config import TrainJobConfig
-from hpcml.errors import ConfigError
+from hpcml.errors import ConfigError, ReplicasDivergedError
 from hpcml.fileio import write_atomically
 from hpcml.outputs import MODEL_FILE, RESULT_FILE
 
@@ -252,6 +252,10 @@ class Trainer:
         fault = self.cfg.fault
         if fault.raise_at_step == self.step and fault.rank == self.ctx.rank:
             raise RuntimeError(f"injected fault on rank {self.ctx.rank} at step {self.step} (fault.raise_at_step)")
+        if fault.hang_at_step == self.step and fault.rank == self.ctx.rank:
+            log.error("fault.hang_at_step=%d: this rank stops answering", self.step)
+            while True:
+                time.sleep(3600)
         if fault.raise_if_file_exists and Path(fault.raise_if_file_exists).exists():
             raise RuntimeError(f"injected fault: {fault.raise_if_file_exists} exists (fault.raise_if_file_exists)")
         if fault.step_sleep_s:
@@ -364,12 +368,17 @@ class Trainer:
         if self.ctx.world_size > 1:
             checksums = [None] * self.ctx.world_size
             dist.all_gather_object(checksums, result.params_sha256)
-        if not self.ctx.is_main:
-            return
-        write_atomically(self.output_dir / MODEL_FILE, lambda f: torch.save(self.model.state_dict(), f))
-        record = {**asdict(result), "rank_params_sha256": checksums, "replicas_identical": len(set(checksums)) == 1}
-        write_atomically(
-            self.output_dir / RESULT_FILE, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode())
-        )
-        if not record["replicas_identical"]:
-            log.error("replicas diverged: parameter checksums differ across ranks: %s", checksums)
+        identical = len(set(checksums)) == 1
+        if self.ctx.is_main:
+            write_atomically(self.output_dir / MODEL_FILE, lambda f: torch.save(self.model.state_dict(), f))
+            record = {**asdict(result), "rank_params_sha256": checksums, "replicas_identical": identical}
+            write_atomically(
+                self.output_dir / RESULT_FILE, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode())
+            )
+        if not identical:
+            # Every rank knows; the result stays on disk for inspection, but the run must not look finished.
+            raise ReplicasDivergedError(
+                f"replicas diverged: parameter checksums differ across ranks ({', '.join(c[:12] for c in checksums)}); "
+                f"see {self.output_dir / RESULT_FILE}. Something made the ranks apply different updates: a rank-"
+                "dependent config, data or optimizer state, or a nondeterministic gradient reduction."
+            )

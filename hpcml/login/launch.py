@@ -83,11 +83,11 @@ def make_executor(cfg: TrainJobConfig, folder: Path) -> submitit.SlurmExecutor:
         stderr_to_stdout=False,
         # Only used by job arrays (sweeps): how many trials may run at once.
         array_parallelism=cfg.launch.array_parallelism,
-        # The time-limit warning goes to every rank (no "B:"): each one can then stop at a step boundary.
         additional_parameters={
-            "signal": f"{cfg.preempt.signal.upper().removeprefix('SIG')}@{cfg.preempt.signal_lead_s}",
             # Asked for explicitly: a site may default to JobRequeue=0, and then rank 0's requeue is refused.
             "requeue": True,
+            # The time-limit warning goes to every rank (no "B:"): each one can then stop at a step boundary.
+            "signal": f"{cfg.preempt.signal.upper().removeprefix('SIG')}@{cfg.preempt.signal_lead_s}",
         },
     )
     for key in ("partition", "account", "qos", "constraint"):

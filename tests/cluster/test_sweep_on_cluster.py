@@ -5,7 +5,7 @@ import re
 import subprocess
 import time
 
-from helpers import PYTHON, ROOT, TRAIN, mpi_env
+from helpers import PYTHON, ROOT, TRAIN, mpi_env, site_policy
 
 from hpcml.login.sweep import TERMINAL_STATES, load_sweep, sweep_status
 
@@ -133,3 +133,33 @@ def test_optuna_sweep_waits_for_each_batch_and_gets_its_objectives():
     accuracies = [json.loads((base / str(n) / "result.json").read_text())["test_accuracy"] for n in range(4)]
     best = float(re.search(r"Best value: ([\d.]+)", done.stdout + done.stderr).group(1))
     assert best == max(accuracies) or abs(best - max(accuracies)) < 1e-9
+
+
+def run_sweep(base, *overrides) -> subprocess.CompletedProcess:
+    cmd = [PYTHON, TRAIN, "-m", "cluster=local", f"hydra.sweep.dir={base}", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=120)
+
+
+def wait_until_all_ended(sweep, timeout=300):
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = sweep_status(sweep)
+        if all(r.state in TERMINAL_STATES for r in rows):
+            return rows
+        assert time.monotonic() < deadline, rows
+        time.sleep(1)
+
+
+def test_a_sweep_is_split_below_the_clusters_max_array_size():
+    """With MaxArraySize=3 (indices 0-2), five trials go out as arrays of at most 2, and all of them run."""
+    from hpcml.login import slurm
+
+    base = ROOT / "outputs" / "test-runs" / f"sweep-maxarray-{time.time_ns()}"
+    with site_policy("--max-array-size", "3"):
+        assert slurm.max_array_size() == 3  # parsed from the real `scontrol show config`
+        done = run_sweep(base, "train.seed=0,1,2,3,4", "train.steps=5", "cluster.nodes=1", "cluster.tasks_per_node=1")
+    assert done.returncode == 0, done.stderr
+    arrays = re.findall(r"submitted (\d) trials as Slurm array (\d+)", done.stdout)
+    assert sorted(int(n) for n, _ in arrays) == [1, 2, 2], done.stdout
+    rows = wait_until_all_ended(load_sweep(base))
+    assert [r.state for r in rows] == ["COMPLETED"] * 5, rows
