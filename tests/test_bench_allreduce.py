@@ -9,17 +9,6 @@ from hpcml.compute.gradsync import DDPGradientSync
 from hpcml.config import TrainConfig
 
 
-@pytest.fixture
-def process_group(monkeypatch):
-    """A one-rank gloo process group in this process, torn down afterwards."""
-    from hpcml.compute.dist import setup_distributed, teardown_distributed
-    from hpcml.compute.env import SingleProcessEnvironment
-
-    monkeypatch.delenv("MASTER_ADDR", raising=False)
-    yield setup_distributed(SingleProcessEnvironment({}), "gloo", 30)
-    teardown_distributed()
-
-
 def test_the_ddp_path_is_a_backward_whose_one_bucket_goes_through_hpcmls_comm_hook(process_group, monkeypatch):
     reduced = []
     original = DDPGradientSync.reduce_bucket

@@ -14,17 +14,6 @@ from hpcml.compute.trainer import Trainer
 TINY = replace(training.COMPUTE_BOUND, width=16, depth=2, input_dim=8, per_rank_batch=4)
 
 
-@pytest.fixture
-def process_group(monkeypatch):
-    """A one-rank gloo process group in this process (on CPU), torn down afterwards."""
-    from hpcml.compute.dist import setup_distributed, teardown_distributed
-    from hpcml.compute.env import SingleProcessEnvironment
-
-    monkeypatch.delenv("MASTER_ADDR", raising=False)
-    yield setup_distributed(SingleProcessEnvironment({}), "gloo", 30)
-    teardown_distributed()
-
-
 def test_the_hand_written_loop_does_the_same_work_as_the_trainer(process_group, tmp_path):
     trainer = training.make_trainer(TINY, process_group, tmp_path)
     loop = gpu.HandWrittenLoop(trainer)

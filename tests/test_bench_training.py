@@ -10,17 +10,6 @@ from hpcml.bench import training
 TINY = replace(training.COMPUTE_BOUND, width=16, depth=2, input_dim=8, per_rank_batch=4)
 
 
-@pytest.fixture
-def process_group(monkeypatch):
-    """A one-rank gloo process group in this process, torn down afterwards."""
-    from hpcml.compute.dist import setup_distributed, teardown_distributed
-    from hpcml.compute.env import SingleProcessEnvironment
-
-    monkeypatch.delenv("MASTER_ADDR", raising=False)
-    yield setup_distributed(SingleProcessEnvironment({}), "gloo", 30)
-    teardown_distributed()
-
-
 def test_every_variant_keeps_every_rounds_step_time(process_group, tmp_path):
     variants = [TINY, replace(TINY, name="comm-bound", width=32)]
     rows = training.measure(variants, process_group, budget_s=0.001, rounds=3, workdir=tmp_path)
