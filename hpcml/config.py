@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-import signal
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -21,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hpcml.errors import ConfigError
+from hpcml.signal_names import parse_signal
 
 BACKENDS = ("auto", "gloo", "nccl")
 GRAD_SYNCS = ("ddp", "flat")
@@ -29,16 +29,6 @@ DATASETS = ("digits", "synthetic", "npz")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 RESUME_MODES = ("auto", "none")
-
-
-def parse_signal(name: str) -> signal.Signals:
-    """USR2, SIGUSR2 or usr2 -> signal.SIGUSR2; ValueError for a name that is not a signal."""
-    text = name.upper()
-    text = text if text.startswith("SIG") else f"SIG{text}"
-    try:
-        return signal.Signals[text]
-    except KeyError:
-        raise ValueError(f"unknown signal {name!r}") from None
 
 
 def _require(ok: bool, message: str) -> None:

@@ -13,6 +13,8 @@ import os
 import signal
 from collections.abc import Mapping
 
+from hpcml.signal_names import parse_signal
+
 SEEN: list[int] = []
 _LAUNCHED_MARKERS = ("SLURM_STEP_ID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 # The stop signal the batch shell forwards (hpcml/compute/batch_shell.sh), when it is not USR2.
@@ -29,8 +31,6 @@ def install(environ: Mapping[str, str] = os.environ) -> None:
     signals = {signal.SIGUSR2, signal.SIGTERM}
     name = environ.get(STOP_SIGNAL_ENV)
     if name:
-        from hpcml.config import parse_signal
-
         signals.add(parse_signal(name))
     for sig in signals:
         signal.signal(sig, _record)
