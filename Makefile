@@ -41,7 +41,7 @@ demo: cluster-up  ## a real 2 nodes x 2 ranks data-parallel job on the local clu
 	$(PY) jobs/train.py cluster=local launch.wait=true launch.poll_s=2
 
 test: deps install cluster-up  ## every test, the real-cluster ones included
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=30 $(PYTEST_ARGS)
 
 test-fast: deps install  ## unit and local-MPI tests; skips the slow real-cluster tests
 	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)

@@ -262,6 +262,7 @@ class PreemptConfig:
     # SIGTERM (preemption, scancel, requeue) is always handled too.
     signal: str = "USR2"
     # How long before the time limit Slurm sends it. Slurm checks every 30 s, so it may come up to a minute early.
+    # 0 sends no warning at all: the run then stops on its own clock (the time limit minus a save's time).
     signal_lead_s: int = 120
     # Requeue the job after saving, so it resumes by itself; false just saves and exits.
     requeue: bool = True

@@ -96,6 +96,19 @@ def test_env_values_cannot_inject_shell(tmp_path):
     assert "export X='a; touch /tmp/pwned'" in render(cluster, tmp_path)
 
 
+def test_signal_lead_0_renders_no_warning_signal_at_all(tmp_path):
+    """Slurm has no "off" value for --signal, so the line itself must go; the default keeps it."""
+    from hpcml.config import PreemptConfig
+
+    def rendered(preempt: PreemptConfig) -> str:
+        cfg = TrainJobConfig(cluster=LOCAL, train=TrainConfig(output_dir=str(tmp_path)), preempt=preempt)
+        return launch.render_sbatch(cfg, tmp_path)
+
+    assert "#SBATCH --signal=USR2@120\n" in rendered(PreemptConfig())
+    without = rendered(PreemptConfig(signal_lead_s=0))
+    assert "--signal" not in without and "#SBATCH --requeue" in without
+
+
 def test_sweep_array_script_matches_golden(two_partitions, tmp_path):
     from hpcml.login import sweep as sw
 

@@ -28,11 +28,21 @@ BATCH_SHELL = Path(hpcml.__file__).resolve().parent / "compute" / "batch_shell.s
 
 class HpcmlSlurmExecutor(submitit.SlurmExecutor):
     """submitit's executor, with each rank started by hpcml.compute.submitit_main instead of submitit's own
-    runner, so that a stop signal is recorded from the rank's first moments."""
+    runner, so that a stop signal is recorded from the rank's first moments; and with no time-limit warning
+    at all when `warning_signal` is off."""
+
+    # submitit always renders `--signal=USR2@90`, and Slurm has no value that turns --signal off again.
+    warning_signal: bool = True
 
     @property
     def _submitit_command_str(self) -> str:
         return " ".join([self.python, "-u -m hpcml.compute.submitit_main", shlex.quote(str(self.folder))])
+
+    def _make_submission_file_text(self, command: str, uid: str) -> str:
+        text = super()._make_submission_file_text(command, uid)
+        if self.warning_signal:
+            return text
+        return "\n".join(line for line in text.split("\n") if not line.startswith("#SBATCH --signal="))
 
 
 def preflight(cfg: TrainJobConfig) -> None:
@@ -72,6 +82,7 @@ def batch_shell_setup(cfg: TrainJobConfig, folder: Path) -> list[str]:
 def make_executor(cfg: TrainJobConfig, folder: Path) -> submitit.SlurmExecutor:
     c = cfg.cluster
     executor = HpcmlSlurmExecutor(folder=folder)
+    executor.warning_signal = cfg.preempt.signal_lead_s > 0
     params: dict[str, Any] = dict(
         job_name=f"hpcml-{c.name}",
         nodes=c.nodes,
@@ -87,6 +98,7 @@ def make_executor(cfg: TrainJobConfig, folder: Path) -> submitit.SlurmExecutor:
             # Asked for explicitly: a site may default to JobRequeue=0, and then rank 0's requeue is refused.
             "requeue": True,
             # The time-limit warning goes to every rank (no "B:"): each one can then stop at a step boundary.
+            # With signal_lead_s=0 the line is dropped (see HpcmlSlurmExecutor) and the deadline alone stops it.
             "signal": f"{cfg.preempt.signal.upper().removeprefix('SIG')}@{cfg.preempt.signal_lead_s}",
         },
     )
