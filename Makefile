@@ -53,7 +53,7 @@ bench-quick: cluster-up  ## the same benchmarks, small and short (a few minutes)
 	$(PY) -m hpcml.bench --quick
 
 lint: install
-	$(PY) -m ruff check hpcml hydra_plugins jobs tests
+	$(PY) -m ruff check hpcml hydra_plugins jobs tests examples
 
 clean:
 	rm -rf outputs/runs outputs/slurm-*.out .pytest_cache

@@ -8,6 +8,7 @@ dataclasses, which runs every check, on the login node, before anything reaches 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import re
 from collections.abc import Iterator
@@ -19,15 +20,13 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from hpcml import components
 from hpcml.errors import ConfigError
 from hpcml.signal_names import parse_signal
 
 BACKENDS = ("auto", "gloo", "nccl")
 GRAD_SYNCS = ("ddp", "flat")
 TRANSPORTS = ("auto", "torch", "mpi")
-DATASETS = ("digits", "synthetic", "npz")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "cosine")
 RESUME_MODES = ("auto", "none")
 
 
@@ -132,61 +131,75 @@ class LaunchConfig:
         _require(self.array_parallelism >= 1, f"launch.array_parallelism={self.array_parallelism} must be 1 or more.")
 
 
-@dataclass
-class ModelConfig:
-    # A multi-layer perceptron: small enough for CPUs, and its size (width x depth) sets how
-    # compute-bound or communication-bound a benchmark is.
-    width: int = 64
-    depth: int = 2
+# User components (hpcml/components.py): Hydra `_target_` nodes, a callable's import path and its keyword
+# arguments, built on every rank. These are the built-in choices, the same as conf/<group>/<name>.yaml; a
+# config that leaves a component out (a TrainJobConfig built in Python) gets the first of each.
+BUILTIN_MODEL = {"_target_": "hpcml.compute.models.MLP", "input_dim": 64, "num_classes": 10, "width": 64, "depth": 2}
+BUILTIN_DATA = {
+    # Facts about the data that other components interpolate (the MLP's ${data.input_dim}).
+    "input_dim": 64,
+    "num_classes": 10,
+    "train": {"_target_": "hpcml.compute.datasets.digits", "split": "train"},
+    "eval": {"_target_": "hpcml.compute.datasets.digits", "split": "test"},
+}
+BUILTIN_OPTIM = {"_target_": "torch.optim.SGD", "lr": 0.05, "momentum": 0.9}
+BUILTIN_TASK = {"_target_": "hpcml.compute.tasks.Classification"}
+# What hpcml passes positionally to each: the optimizer gets the parameters, the schedule the optimizer.
+SUPPLIED_ARGUMENTS = {"model": 0, "optim": 1, "schedule": 1, "task": 0}
+# Keys that no longer exist, with what replaced them: a stale command line gets the new spelling.
+RENAMED = {
+    "optim.name": "the optimizer is a config group or a class now: optim=adam, or optim._target_=torch.optim.RMSprop",
+    "optim.schedule": "the LR schedule is its own config group: schedule=cosine",
+    "data.name": "the dataset is a config group now: data=synthetic, data=npz data.path=...",
+}
 
-    def __post_init__(self) -> None:
-        _require(
-            self.width >= 1 and self.depth >= 1,
-            f"model.width={self.width}, model.depth={self.depth}: both must be 1 or more.",
+
+def _component(value: dict[str, Any] | None, builtin: dict[str, Any]) -> dict[str, Any]:
+    """The node a config gives for a component: None is the built-in; a node without `_target_` adjusts the
+    built-in's arguments ({"lr": 0.5} for the optimizer), as `optim.lr=0.5` does on a command line."""
+    if value is None:
+        # A copy: the built-ins are shared module constants, and a config's nodes are changed in place (sweeps).
+        return copy.deepcopy(builtin)
+    if isinstance(value, dict) and components.TARGET not in value and "train" not in value:
+        return _merged(builtin, value)
+    return value
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _check_components(cfg: TrainJobConfig) -> None:
+    for key, supplied in SUPPLIED_ARGUMENTS.items():
+        node = getattr(cfg, key)
+        if node is None:  # only the schedule may be absent: a constant learning rate
+            continue
+        for old, hint in RENAMED.items():
+            section, _, name = old.partition(".")
+            if section == key and name in node:
+                raise ConfigError(f"{old} is gone: {hint}.")
+        components.check(key, node, supplied)
+    data = cfg.data
+    if not isinstance(data, dict) or "train" not in data:
+        raise ConfigError(
+            "data needs data.train: a _target_ node that builds the training Dataset (and, optionally, data.eval). "
+            "Pick a built-in (data=digits) or see the README's 'Train your own model'."
         )
-
-
-@dataclass
-class DataConfig:
-    # digits: scikit-learn's bundled 8x8 images (real data, no download); synthetic: a seeded teacher
-    # problem of any size, for benchmarks; npz: arrays x (N, D) and y (N,) from `path`.
-    name: str = "digits"
-    path: str | None = None
-    # Synthetic problem size.
-    num_samples: int = 4096
-    input_dim: int = 64
-    num_classes: int = 10
-    # Held-out share for the accuracy figure; the split is seeded so every rank and every run agrees.
-    test_fraction: float = 0.2
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _one_of("data.name", self.name, DATASETS)
-        _require(
-            0.0 < self.test_fraction < 1.0,
-            f"data.test_fraction={self.test_fraction} must lie strictly between 0 and 1.",
-        )
-        if self.name == "npz":
-            _require(self.path is not None, "data.name=npz needs data.path=/path/to/file.npz holding arrays x and y.")
+    for name in ("train", "eval"):
+        node = data.get(name)
+        if node is None:
+            continue
+        components.check(f"data.{name}", node)
+        # The built-in file reader's file is checked here, where a missing one costs no queue wait.
+        if node[components.TARGET] == "hpcml.compute.datasets.npz":
             _require(
-                Path(self.path).is_file(),
-                f"data.path={self.path} does not exist; give a file every node can read (a shared filesystem path).",
+                Path(str(node.get("path"))).is_file(),
+                f"data.{name}.path={node.get('path')} does not exist; give a file every node can read (a shared "
+                "filesystem path).",
             )
-
-
-@dataclass
-class OptimConfig:
-    name: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    # constant, or cosine decay to zero over train.steps (its state is checkpointed like the optimizer's).
-    schedule: str = "constant"
-
-    def __post_init__(self) -> None:
-        _one_of("optim.name", self.name, OPTIMIZERS)
-        _one_of("optim.schedule", self.schedule, SCHEDULES)
-        _require(self.lr > 0, f"optim.lr={self.lr} must be positive.")
 
 
 @dataclass
@@ -196,6 +209,8 @@ class TrainConfig:
     global_batch_size: int = 64
     seed: int = 0
     log_every: int = 10
+    # Samples per forward when the task evaluates the eval dataset at the end of a run (every rank alike).
+    eval_batch_size: int = 1024
     # auto: nccl when CUDA is there (one GPU per rank), gloo otherwise.
     backend: str = "auto"
     # ddp: torch DistributedDataParallel (bucketed all-reduces overlap backward); flat: all gradients in one
@@ -217,6 +232,7 @@ class TrainConfig:
         _require(self.steps >= 1, f"train.steps={self.steps} must be 1 or more.")
         _require(self.global_batch_size >= 1, f"train.global_batch_size={self.global_batch_size} must be 1 or more.")
         _require(self.log_every >= 1, f"train.log_every={self.log_every} must be 1 or more.")
+        _require(self.eval_batch_size >= 1, f"train.eval_batch_size={self.eval_batch_size} must be 1 or more.")
         _one_of("train.backend", self.backend, BACKENDS)
         _require(
             self.grad_sync != "mpi",
@@ -225,6 +241,45 @@ class TrainConfig:
         )
         _one_of("train.grad_sync", self.grad_sync, GRAD_SYNCS)
         _one_of("train.transport", self.transport, TRANSPORTS)
+
+
+LOADER_CONTEXTS = ("fork", "forkserver", "spawn")
+
+
+@dataclass
+class LoaderConfig:
+    # How the samples of a Dataset reach the loop (hpcml/compute/loader.py). In-memory tensors (a
+    # TensorDataset) with no workers are indexed a batch at a time and need none of this.
+    # Worker processes reading samples in the background; 0 reads them in the rank itself.
+    num_workers: int = 0
+    # Batches each worker reads ahead (None: torch's default, 2).
+    prefetch_factor: int | None = None
+    # Page-locked host batches, copied to the GPU without a staging copy (GPU jobs only).
+    pin_memory: bool = True
+    persistent_workers: bool = False
+    # How workers start: fork (Linux's default, fastest), forkserver or spawn (for libraries that break
+    # across a fork); None is torch's default.
+    multiprocessing_context: str | None = None
+    # A worker that takes longer than this to deliver a batch fails the job instead of hanging it (0: never).
+    timeout_s: float = 300.0
+    # Combines a batch's samples; None is torch's default_collate. A `_target_` node with `_partial_: true`.
+    collate_fn: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 0, f"loader.num_workers={self.num_workers} cannot be negative (0: no workers).")
+        _require(
+            self.prefetch_factor is None or self.prefetch_factor >= 1,
+            f"loader.prefetch_factor={self.prefetch_factor} must be 1 or more (or null for torch's default).",
+        )
+        _require(
+            self.prefetch_factor is None or self.num_workers > 0,
+            f"loader.prefetch_factor={self.prefetch_factor} needs loader.num_workers > 0: only workers read ahead.",
+        )
+        if self.multiprocessing_context is not None:
+            _one_of("loader.multiprocessing_context", self.multiprocessing_context, LOADER_CONTEXTS)
+        _require(self.timeout_s >= 0, f"loader.timeout_s={self.timeout_s} cannot be negative (0: never time out).")
+        if self.collate_fn is not None:
+            components.check("loader.collate_fn", self.collate_fn)
 
 
 @dataclass
@@ -308,15 +363,24 @@ class FaultConfig:
 class TrainJobConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    # The user components (see BUILTIN_*): None means the built-in; schedule None means a constant LR.
+    model: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
+    optim: dict[str, Any] | None = None
+    schedule: dict[str, Any] | None = None
+    task: dict[str, Any] | None = None
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     preempt: PreemptConfig = field(default_factory=PreemptConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
+        self.model = _component(self.model, BUILTIN_MODEL)
+        self.data = _component(self.data, BUILTIN_DATA)
+        self.optim = _component(self.optim, BUILTIN_OPTIM)
+        self.task = _component(self.task, BUILTIN_TASK)
+        _check_components(self)
         if self.cluster.submit:
             world = self.cluster.world_size
             _require(

@@ -31,6 +31,10 @@ class ReplicasDivergedError(HpcmlError):
     """Data-parallel replicas ended with different parameters: the run's result cannot be trusted."""
 
 
+class NonFiniteLossError(HpcmlError):
+    """The loss became NaN or infinite: training stops before anything non-finite is saved."""
+
+
 class DataError(HpcmlError):
     """The training data is missing or not in the expected format."""
 

@@ -36,10 +36,23 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def objective(result: dict[str, Any], name: str) -> float:
-    """The value `launch.objective` names in a run's result.json, which optimizing sweepers read."""
-    if name not in result:
-        raise ConfigError(f"launch.objective={name} is not in result.json; it holds: {', '.join(sorted(result))}.")
-    return float(result[name])
+    """The value `launch.objective` names in a run's result.json, which optimizing sweepers read: one of the
+    task's evaluation metrics (result["metrics"]), or a figure of the run itself (final_loss, samples_per_s)."""
+    metrics = result.get("metrics") or {}
+    if name in metrics:
+        return float(metrics[name])
+    if isinstance(result.get(name), (int, float)) and not isinstance(result.get(name), bool):
+        return float(result[name])
+    numbers = sorted(metrics) + sorted(
+        k for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in metrics
+    )
+    raise ConfigError(f"launch.objective={name} is not in result.json; pick one of: {', '.join(numbers)}.")
+
+
+def sweeper_needs_objective(sweeper_target: str) -> bool:
+    """Whether a Hydra sweeper reads each run's objective: an optimizing one (Optuna) does; Hydra's basic
+    sweeper and hpcml's own (which only enumerates trials) do not, so a run need not name one."""
+    return not sweeper_target.endswith(("BasicSweeper", "HpcmlSweeper"))
 
 
 def read_objective(output_dir: Path, name: str) -> float | None:

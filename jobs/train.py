@@ -17,7 +17,12 @@ from hpcml.compute import early_signals
 early_signals.install_if_launched()
 
 # isort: split
+import os
 import sys
+
+# The user's own modules (model._target_=my_project.models.Net) import from the directory the command runs
+# in, as under `python -m`; on compute nodes the ranks start with -m from the submission directory too.
+sys.path.insert(1, os.getcwd())
 
 import hydra
 from omegaconf import DictConfig
@@ -26,15 +31,25 @@ from hpcml.compute import step_record
 from hpcml.compute.run_dir import register_resolvers
 from hpcml.config import register_configs, validate
 from hpcml.errors import HpcmlError, report_error
-from hpcml.outputs import objective, read_objective
+from hpcml.outputs import objective, read_objective, sweeper_needs_objective
 
 register_configs()
 register_resolvers()
 
 
+def objective_needed() -> bool:
+    """Only an optimizing sweeper (Optuna) reads what a run returns; a single run or a grid need not have
+    the metric launch.objective names (a task of the user's own may not log test_accuracy)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    return hydra_cfg.mode == RunMode.MULTIRUN and sweeper_needs_objective(str(hydra_cfg.sweeper.get("_target_", "")))
+
+
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    """Returns the run's objective (launch.objective from result.json), which optimizing sweepers read."""
+    """Returns the run's objective (launch.objective from result.json) where an optimizing sweeper reads it."""
     try:
         job_config = validate(cfg)
     except HpcmlError as err:
@@ -47,19 +62,20 @@ def main(cfg: DictConfig) -> float | None:
             job = submit(job_config)
             if job is not None and job_config.launch.wait:
                 result = wait_for(job, job_config.train.output_dir, job_config.launch.poll_s)
+                evaluated = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
                 print(
                     f"finished: {result['steps']} steps on {result['num_nodes']} nodes x "
-                    f"{result['world_size'] // result['num_nodes']} ranks, test accuracy {result['test_accuracy']:.4f}, "
+                    f"{result['world_size'] // result['num_nodes']} ranks, {evaluated or 'no eval data'}, "
                     f"replicas identical: {result['replicas_identical']}\n  outputs: {result['output_dir']}"
                 )
-                return objective(result, job_config.launch.objective)
+                return objective(result, job_config.launch.objective) if objective_needed() else None
             return None
         from hpcml.compute.runtime import run_training
 
         code = run_training(job_config)
         if code != 0:
             sys.exit(code)  # a stopped or failed rank: its documented exit status
-        return read_objective(job_config.train.output_dir, job_config.launch.objective)
+        return read_objective(job_config.train.output_dir, job_config.launch.objective) if objective_needed() else None
     except HpcmlError as err:
         sys.exit(report_error(err))
 

@@ -18,8 +18,11 @@ TRAIN = str(ROOT / "jobs" / "train.py")
 
 
 def mpi_env() -> dict[str, str]:
+    # tests/ on the path: the ranks import tests/user_code.py, the way a user's project is on theirs.
+    path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
     return {
         **os.environ,
+        "PYTHONPATH": path,
         "OMPI_ALLOW_RUN_AS_ROOT": "1",
         "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
         "OMP_NUM_THREADS": "1",

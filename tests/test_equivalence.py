@@ -1,5 +1,6 @@
 """Data parallelism is only correct if N ranks compute what one process computes on the whole batch."""
 
+import json
 import time
 
 import pytest
@@ -137,3 +138,30 @@ def test_a_rank_that_stops_answering_fails_the_job_after_the_timeout(launcher, t
     assert "fault.hang_at_step=5: this rank stops answering" in done.stderr
     assert took < 120, f"the job took {took:.0f} s to end"  # 10 s timeout + start-up + teardown
     assert not (tmp_path / "result.json").exists()
+
+
+@pytest.mark.mpi
+def test_a_users_model_dataset_and_task_train_the_same_on_four_ranks_as_on_one(tmp_path):
+    """Model, Dataset (dict samples, built in __getitem__) and task from tests/user_code.py, configs from
+    tests/user_conf via --config-dir: 4 ranks end where 1 process on the global batch does."""
+    from user_code import USE
+
+    def run(out, ranks):
+        run_train([*USE, *STEPS, "launch.objective=val_mse", f"train.output_dir={out}", f"hydra.run.dir={out}"], ranks)
+        return read_result(out), torch.load(out / "model.pt", weights_only=True)
+
+    (one, one_weights), (four, four_weights) = run(tmp_path / "one", 1), run(tmp_path / "four", 4)
+    assert four["replicas_identical"] and set(four["metrics"]) == {"val_mse"}
+    assert set(four_weights) == {
+        "body.0.weight",
+        "body.0.bias",
+        "heads.0.weight",
+        "heads.0.bias",
+        "heads.1.weight",
+        "heads.1.bias",
+    }
+    for name, expected in one_weights.items():
+        torch.testing.assert_close(four_weights[name], expected, rtol=1e-4, atol=1e-5, msg=f"{name} differs")
+    assert four["metrics"]["val_mse"] == pytest.approx(one["metrics"]["val_mse"], rel=1e-4)
+    steps = [json.loads(line) for line in (tmp_path / "four" / "metrics.jsonl").read_text().splitlines()]
+    assert all("mae" in r for r in steps if "loss" in r)  # the task's step metric, averaged over ranks

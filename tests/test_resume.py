@@ -10,7 +10,7 @@ from hpcml.compute.dist import setup_distributed, teardown_distributed
 from hpcml.compute.env import SingleProcessEnvironment
 from hpcml.compute.preempt import Deadline, PreemptionGuard, StopCoordinator, StopReason
 from hpcml.compute.trainer import Trainer, parameters_checksum
-from hpcml.config import CheckpointConfig, OptimConfig, TrainConfig, TrainJobConfig
+from hpcml.config import CheckpointConfig, TrainConfig, TrainJobConfig
 from hpcml.errors import ConfigError
 
 
@@ -24,7 +24,9 @@ def ctx(monkeypatch):
 
 def config(out, steps=60, **checkpoint) -> TrainJobConfig:
     return TrainJobConfig(
-        optim=OptimConfig(name="adam", lr=0.01, momentum=0.0, schedule="cosine"),  # stateful optimizer and schedule
+        # A stateful optimizer and schedule.
+        optim={"_target_": "torch.optim.Adam", "lr": 0.01},
+        schedule={"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "T_max": steps},
         train=TrainConfig(steps=steps, global_batch_size=32, output_dir=str(out)),
         checkpoint=CheckpointConfig(**checkpoint),
     )
@@ -221,3 +223,31 @@ def test_resume_at_a_different_world_size_continues_the_same_stream(tmp_path):
     c = torch.load(resumed / "model.pt", weights_only=True)
     for name in a:
         torch.testing.assert_close(c[name], a[name], rtol=1e-4, atol=1e-5)
+
+
+def user_config(out, steps=30) -> TrainJobConfig:
+    """The model, Dataset and task of tests/user_code.py; the task keeps state of its own, and dropout
+    draws random numbers every step."""
+    return TrainJobConfig(
+        model={"_target_": "user_code.TwoHeads", "features": 6, "dropout": 0.2},
+        data={"train": {"_target_": "user_code.Waves"}, "eval": {"_target_": "user_code.Waves", "size": 64}},
+        task={"_target_": "user_code.Regression"},
+        optim={"_target_": "torch.optim.AdamW", "lr": 0.01},
+        train=TrainConfig(steps=steps, global_batch_size=32, output_dir=str(out)),
+    )
+
+
+def test_a_users_task_state_and_model_resume_exactly(ctx, tmp_path):
+    reference = Trainer(user_config(tmp_path / "ref"), ctx)
+    expected = reference.fit().result
+    out = tmp_path / "run"
+    with PreemptionGuard([signal.SIGUSR2]) as guard:
+        trainer = SignalAtStep(user_config(out), ctx, StopCoordinator(guard, Deadline(None, 0), ctx.device, 1, True))
+        trainer.signal_step = 13
+        assert trainer.fit().stopped is StopReason.SIGNAL
+    resumed = Trainer(user_config(out), ctx)
+    final = resumed.fit().result
+    assert final.resumed_from_step == 13 and final.params_sha256 == expected.params_sha256
+    # The task's own state came back from the checkpoint: it counted every sample exactly once.
+    assert resumed.task.samples_seen == reference.task.samples_seen == 30 * 32
+    assert final.metrics == expected.metrics and set(final.metrics) == {"val_mse"}

@@ -14,7 +14,7 @@ from hpcml.login.cli import render_status
 from hpcml.login.report import write_report
 
 
-def make_sweep(tmp_path, finals: dict[int, float | None]) -> sw.Sweep:
+def make_sweep(tmp_path, finals: dict[int, float | None], objective: str = "test_accuracy") -> sw.Sweep:
     trials = []
     for num, final in finals.items():
         trial = sw.Trial(
@@ -27,10 +27,10 @@ def make_sweep(tmp_path, finals: dict[int, float | None]) -> sw.Sweep:
         trial_dir.mkdir()
         lines = [{"step": s, "time": 0, "loss": 2.0 / s} for s in (10, 20, 30)]
         if final is not None:
-            lines.append({"step": 30, "time": 0, "test_accuracy": final})
+            lines.append({"step": 30, "time": 0, objective: final})
         (trial_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
         trials.append(trial)
-    sweep = sw.open_sweep(tmp_path, trials)
+    sweep = sw.open_sweep(tmp_path, trials, objective)
     sweep.save()
     return sweep
 
@@ -73,7 +73,9 @@ def test_first_error_line_comes_from_the_failing_rank_log(tmp_path):
 
 
 def test_status_table_and_rerun_rule(tmp_path, monkeypatch):
-    sweep = make_sweep(tmp_path, {0: 0.9, 1: None, 2: None})
+    """The table shows the sweep's own objective (launch.objective), whatever its name."""
+    sweep = make_sweep(tmp_path, {0: 0.9, 1: None, 2: None}, objective="val_bleu")
+    assert sw.load_sweep(tmp_path).objective == "val_bleu"
     (tmp_path / "0" / "result.json").write_text("{}")
     monkeypatch.setattr(
         sw.slurm,
@@ -82,8 +84,9 @@ def test_status_table_and_rerun_rule(tmp_path, monkeypatch):
     )
     rows = sw.sweep_status(sweep)
     assert [r.state for r in rows] == ["COMPLETED", "FAILED", "RUNNING"]
-    assert rows[0].step == 30 and rows[0].test_accuracy == 0.9 and rows[2].loss == pytest.approx(2 / 30)
-    table = render_status(rows)
+    assert rows[0].step == 30 and rows[0].objective == 0.9 and rows[2].loss == pytest.approx(2 / 30)
+    table = render_status(rows, sweep.objective)
+    assert table.splitlines()[0].split()[7] == "val_bleu" and "0.9" in table.splitlines()[1]
     assert "optim.lr=0.01 model.width=16" in table and "cluster=local" not in table
     assert table.splitlines()[-1] == "3 trials: 1 completed, 1 failed, 1 running"
     assert [sw.needs_rerun(r, tmp_path / str(r.num)) for r in rows] == [False, True, False]
@@ -134,7 +137,8 @@ def run_sweep(*args):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["optim.lrr=0.1,0.2"], "Key 'lrr' not in 'OptimConfig'"),
+        (["optim.lrr=0.1,0.2"], "Could not override 'optim.lrr'"),
+        (["+optim.lrr=0.1,0.2"], "optim._target_=torch.optim.SGD: it takes no argument 'lrr' (did you mean 'lr'?)"),
         (["optim.lr=choice()"], "empty choice is not legal"),
         (["cluster.nodes=0,1"], "error: trial 0 (cluster=local cluster.nodes=0): cluster.nodes=0"),
     ],
@@ -158,9 +162,13 @@ def test_objective_must_be_in_the_result():
     from hpcml.errors import ConfigError
     from hpcml.outputs import objective
 
-    assert objective({"test_accuracy": 0.9}, "test_accuracy") == 0.9
-    with pytest.raises(ConfigError, match="launch.objective=bleu is not in result.json; it holds: loss"):
-        objective({"loss": 1.0}, "bleu")
+    result = {"metrics": {"test_accuracy": 0.9, "bleu": 31.0}, "final_loss": 0.2, "output_dir": "x"}
+    assert objective(result, "test_accuracy") == 0.9 and objective(result, "bleu") == 31.0
+    assert objective(result, "final_loss") == 0.2  # a figure of the run itself
+    with pytest.raises(
+        ConfigError, match="launch.objective=rouge is not in result.json; pick one of: bleu, test_accuracy, final_loss"
+    ):
+        objective(result, "rouge")
 
 
 def test_a_local_sweep_runs_every_trial(tmp_path):
@@ -181,7 +189,9 @@ def test_optuna_gets_each_trials_objective(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     best = float(re.search(r"Best value: ([\d.]+)", done.stdout + done.stderr).group(1))
-    accuracies = [json.loads((tmp_path / str(n) / "result.json").read_text())["test_accuracy"] for n in range(3)]
+    accuracies = [
+        json.loads((tmp_path / str(n) / "result.json").read_text())["metrics"]["test_accuracy"] for n in range(3)
+    ]
     assert best == pytest.approx(max(accuracies))
 
 

@@ -21,6 +21,7 @@ from hpcml.bench.record import write_summary
 BENCHMARKS = {
     "allreduce": "hpcml.bench.allreduce",
     "training": "hpcml.bench.training",
+    "seam": "hpcml.bench.seam",
     "checkpoints": "hpcml.bench.checkpoints",
     "startup": "hpcml.bench.startup",
     "submission": "hpcml.bench.submission",

@@ -30,8 +30,7 @@ import torch
 
 from hpcml.bench.record import BenchResult, Figure
 from hpcml.compute import checkpoint as ckpt
-from hpcml.compute.models import build_mlp
-from hpcml.config import ModelConfig
+from hpcml.compute.models import MLP
 
 MB = 1 << 20
 CPU = torch.device("cpu")
@@ -56,7 +55,7 @@ class TrainingLoop:
 
     def __init__(self, target_bytes: int, batch: int = 32, device: torch.device = CPU):
         width = max(64, int((target_bytes / 4 / 3 / 3) ** 0.5))  # 3 square layers, 3 copies (params, m, v)
-        self.model = build_mlp(ModelConfig(width=width, depth=3), width, 10).to(device)
+        self.model = MLP(input_dim=width, num_classes=10, width=width, depth=3).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters())
         self.x = torch.randn(batch, width, device=device)
         self.device = device

@@ -33,8 +33,7 @@ from hpcml.bench.launch import BenchmarkSkipped, Layout, run_worker
 from hpcml.bench.record import BenchResult, Figure
 from hpcml.compute.dist import setup_distributed, teardown_distributed
 from hpcml.compute.env import detect_environment
-from hpcml.compute.models import build_mlp
-from hpcml.compute.trainer import Trainer, build_optimizer
+from hpcml.compute.trainer import Trainer, build_model, build_optimizer
 from hpcml.compute.transport import iterations_for, mean_time
 
 # Steps per timed block: the CPU may run ahead of the GPU inside a block, as it does in training.
@@ -51,12 +50,10 @@ class HandWrittenLoop:
 
     def __init__(self, trainer: Trainer):
         cfg, ctx = trainer.cfg, trainer.ctx
-        torch.manual_seed(cfg.train.seed)
-        model = build_mlp(cfg.model, trainer.data.input_dim, trainer.data.num_classes).to(ctx.device)
+        model = build_model(cfg, ctx.device)
         self.model = DistributedDataParallel(model, device_ids=[ctx.device.index]) if ctx.world_size > 1 else model
         self.optimizer = build_optimizer(cfg, self.model.parameters())
-        self.x = trainer.data.x_train.to(ctx.device)
-        self.y = trainer.data.y_train.to(ctx.device)
+        self.x, self.y = (t.to(ctx.device) for t in trainer.train_data.tensors)
         self.stream, self.rank, self.world_size = trainer.stream, ctx.rank, ctx.world_size
         self.step_number = 0
 
@@ -96,7 +93,7 @@ def measure(v: training.Variant, ctx, budget_s: float, rounds: int, workdir: Pat
         **asdict(v),
         "ranks": ctx.world_size,
         "params": sum(p.numel() for p in trainer.model.parameters()),
-        "data_on_gpu": trainer.data.x_train.is_cuda,
+        "data_on_gpu": trainer.train_data.tensors[0].is_cuda,
         "hpcml_times": "train_step() + step-boundary stop agreement",
         **{f"{name}_step_s": seconds for name, seconds in median.items()},
         **{f"{name}_samples_per_s": global_batch / seconds for name, seconds in median.items()},

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "jobs" / "train.py"
 # A checkpoint of tens of MB (weights + SGD momentum) for the resume measurement. The transport is fixed so
 # that cold start and resume do the same start-up work but for the restore: no probe for either.
-RESUME_MODEL = ["model.width=2048", "model.depth=3", "optim.name=sgd", "optim.momentum=0.9", "train.transport=torch"]
+RESUME_MODEL = ["model.width=2048", "model.depth=3", "optim=sgd", "optim.momentum=0.9", "train.transport=torch"]
 
 
 def _free_port() -> int:

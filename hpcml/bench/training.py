@@ -36,7 +36,7 @@ from hpcml.compute.preempt import PreemptionGuard, StopCoordinator
 from hpcml.compute.runtime import stop_coordinator
 from hpcml.compute.trainer import Trainer
 from hpcml.compute.transport import iterations_for, mean_time
-from hpcml.config import DataConfig, ModelConfig, TrainConfig, TrainJobConfig
+from hpcml.config import TrainConfig, TrainJobConfig
 
 
 @dataclass(frozen=True)
@@ -56,12 +56,34 @@ COMPUTE_BOUND = Variant("compute-bound", width=256, depth=3, input_dim=256, per_
 COMM_BOUND = Variant("comm-bound", width=1024, depth=3, input_dim=256, per_rank_batch=8)
 
 
+def mlp_node(input_dim: int, width: int, depth: int, num_classes: int = 10) -> dict:
+    """conf/model/mlp.yaml's node, for configs built in Python."""
+    return {
+        "_target_": "hpcml.compute.models.MLP",
+        "input_dim": input_dim,
+        "num_classes": num_classes,
+        "width": width,
+        "depth": depth,
+    }
+
+
+def synthetic_node(num_samples: int, input_dim: int, num_classes: int = 10) -> dict:
+    """conf/data/synthetic.yaml's node, for configs built in Python."""
+    split = {"_target_": "hpcml.compute.datasets.synthetic", "num_samples": num_samples, "input_dim": input_dim}
+    return {
+        "input_dim": input_dim,
+        "num_classes": num_classes,
+        "train": {**split, "num_classes": num_classes, "split": "train"},
+        "eval": {**split, "num_classes": num_classes, "split": "test"},
+    }
+
+
 def make_trainer(v: Variant, ctx, workdir: Path) -> Trainer:
     """A settled Trainer for variant `v` on this job's ranks, ready for `train_step()`."""
     global_batch = v.per_rank_batch * ctx.world_size
     cfg = TrainJobConfig(
-        model=ModelConfig(width=v.width, depth=v.depth),
-        data=DataConfig(name="synthetic", num_samples=max(4096, 8 * global_batch), input_dim=v.input_dim),
+        model=mlp_node(v.input_dim, width=v.width, depth=v.depth),
+        data=synthetic_node(num_samples=max(4096, 8 * global_batch), input_dim=v.input_dim),
         train=TrainConfig(
             steps=10**9,
             global_batch_size=global_batch,

@@ -1,4 +1,4 @@
-"""Datasets and the global batch stream every rank takes its share of.
+"""The global batch stream every rank takes its share of, and batches gathered from a Dataset.
 
 The stream is defined by global step alone: step s uses global batch s of a seeded per-epoch permutation,
 and rank r trains on the r-th contiguous slice of it. It does not depend on the world size, so N ranks
@@ -7,16 +7,14 @@ see exactly the samples one process would, and a resume (at any world size) only
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import logging
-from dataclasses import dataclass, fields
-from pathlib import Path
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import IterableDataset, TensorDataset, default_collate
 
-from hpcml.config import DataConfig
 from hpcml.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -25,86 +23,6 @@ log = logging.getLogger(__name__)
 # step then gathers its batch on the device, instead of on the host followed by a copy from pageable
 # memory, which the GPU waits for.
 DEVICE_DATA_SHARE = 0.25
-
-
-@dataclass(frozen=True)
-class Dataset:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [getattr(self, f.name) for f in fields(self)]
-
-    @property
-    def input_dim(self) -> int:
-        return self.x_train.shape[1]
-
-    @property
-    def num_classes(self) -> int:
-        return int(max(self.y_train.max(), self.y_test.max())) + 1
-
-
-def _digits() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled digits (no download on a compute node), read straight from its CSV.
-
-    Importing sklearn.datasets to call load_digits is a large share of a rank's start-up; the file is what
-    load_digits reads: 64 pixel columns (0-16) and the label, comma-separated, gzipped.
-    """
-    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(
-            "data.name=digits needs scikit-learn installed (it ships the images); pip install scikit-learn."
-        )
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
-    with gzip.open(path, "rt") as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
-    return table[:, :-1] / 16.0, table[:, -1].astype(np.int64)
-
-
-def _synthetic(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded teacher problem: labels from a random linear map, so it is learnable at any size."""
-    rng = np.random.default_rng(cfg.seed)
-    x = rng.standard_normal((cfg.num_samples, cfg.input_dim), dtype=np.float32)
-    teacher = rng.standard_normal((cfg.input_dim, cfg.num_classes), dtype=np.float32)
-    return x, (x @ teacher).argmax(axis=1).astype(np.int64)
-
-
-def _npz(path: str) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as arrays:
-            missing = [name for name in ("x", "y") if name not in arrays.files]
-            if missing:
-                raise DataError(
-                    f"{path} lacks array {missing[0]!r}; save it with np.savez(path, x=features, y=labels)."
-                )
-            x, y = arrays["x"], arrays["y"]
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot read {path}: {err}; it must be an .npz file with arrays x and y.") from err
-    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
-        raise DataError(f"{path}: x must be (N, D) and y (N,); got x{x.shape}, y{y.shape}.")
-    return x.astype(np.float32), y.astype(np.int64)
-
-
-def load_dataset(cfg: DataConfig) -> Dataset:
-    if cfg.name == "digits":
-        x, y = _digits()
-    elif cfg.name == "synthetic":
-        x, y = _synthetic(cfg)
-    else:
-        x, y = _npz(cfg.path)
-    # The split is seeded, so every rank (and every resumed run) holds out the same samples.
-    order = np.random.default_rng(cfg.seed).permutation(len(x))
-    n_test = max(1, int(round(len(x) * cfg.test_fraction)))
-    test, train = order[:n_test], order[n_test:]
-    return Dataset(
-        torch.from_numpy(x[train]), torch.from_numpy(y[train]), torch.from_numpy(x[test]), torch.from_numpy(y[test])
-    )
 
 
 class GlobalBatchStream:
@@ -147,16 +65,59 @@ class GlobalBatchStream:
         return step * self.global_batch_size
 
 
-def on_device(data: Dataset, device: torch.device) -> Dataset:
-    """`data` on the GPU `device` when it fits comfortably (DEVICE_DATA_SHARE), else unchanged."""
-    if device.type != "cuda":
-        return data
+def check_map_style(dataset: Any, key: str) -> int:
+    """The number of samples of a map-style dataset; anything else is refused, naming the key."""
+    if isinstance(dataset, IterableDataset):
+        raise DataError(
+            f"{key} is an IterableDataset: its position cannot be restored from a step count, so a resumed run could "
+            "not continue the same sample stream. Give a map-style Dataset (__getitem__ and __len__)."
+        )
+    if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+        raise DataError(f"{key} built a {type(dataset).__name__}, not a Dataset with __getitem__ and __len__.")
+    size = len(dataset)
+    if size < 1:
+        raise DataError(f"{key} is empty; it must hold at least one sample.")
+    return size
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Every tensor in a (nested tuple, list or dict) batch on `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def gather(dataset: Any, indices: np.ndarray) -> Any:
+    """The samples at `indices`, collated into one batch. In-memory tensors (a TensorDataset) are indexed
+    all at once, the fast path; any other Dataset collates its samples with torch's default_collate."""
+    if isinstance(dataset, TensorDataset):
+        idx = torch.from_numpy(indices).to(dataset.tensors[0].device, non_blocking=True)  # no-op for host data
+        return tuple(t[idx] for t in dataset.tensors)
+    return default_collate([dataset[int(i)] for i in indices])
+
+
+def eval_batches(dataset: Any, batch_size: int, device: torch.device) -> Iterator[Any]:
+    """The whole eval dataset, in order, in batches of `batch_size`, on `device`."""
+    size = len(dataset)
+    for start in range(0, size, batch_size):
+        yield to_device(gather(dataset, np.arange(start, min(start + batch_size, size))), device)
+
+
+def on_device(dataset: Any, device: torch.device) -> Any:
+    """An in-memory dataset on the GPU `device` when it fits comfortably (DEVICE_DATA_SHARE), else unchanged."""
+    if device.type != "cuda" or not isinstance(dataset, TensorDataset):
+        return dataset
+    nbytes = sum(t.numel() * t.element_size() for t in dataset.tensors)
     free, _ = torch.cuda.mem_get_info(device)
-    if data.nbytes > DEVICE_DATA_SHARE * free:
+    if nbytes > DEVICE_DATA_SHARE * free:
         log.info(
             "the dataset (%.0f MB) stays in host memory: it would take more than %.0f%% of the GPU's free memory",
-            data.nbytes / 2**20,
+            nbytes / 2**20,
             100 * DEVICE_DATA_SHARE,
         )
-        return data
-    return Dataset(*(t.to(device) for t in data.tensors()))
+        return dataset
+    return TensorDataset(*(t.to(device) for t in dataset.tensors))

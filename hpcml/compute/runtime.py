@@ -197,9 +197,9 @@ def run_training(cfg: TrainJobConfig) -> int:
     if code == EXIT_OK and ctx.is_main:
         r = outcome.result
         log.info(
-            "done: %d steps, test accuracy %.4f, params sha256 %s..., outputs in %s",
+            "done: %d steps, %s, params sha256 %s..., outputs in %s",
             r.steps,
-            r.test_accuracy,
+            ", ".join(f"{k} {v:.4f}" for k, v in r.metrics.items()) or "no eval data",
             r.params_sha256[:16],
             r.output_dir,
         )

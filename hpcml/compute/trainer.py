@@ -3,6 +3,7 @@ every step boundary is a place where the ranks can agree to save or stop."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -15,20 +16,23 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from hpcml import components
 from hpcml.compute import checkpoint as ckpt
 from hpcml.compute import slurm_job
-from hpcml.compute.data import GlobalBatchStream, load_dataset, on_device
+from hpcml.compute.data import GlobalBatchStream, check_map_style, eval_batches, on_device
 from hpcml.compute.dist import DistributedContext, broadcast_from_rank0
 from hpcml.compute.gradsync import make_gradient_sync
+from hpcml.compute.loader import BatchSource
+from hpcml.compute.loss_watch import NonFiniteLossWatch
 from hpcml.compute.metrics import MetricsWriter
-from hpcml.compute.models import build_mlp
 from hpcml.compute.preempt import BoundaryDecision, StopCoordinator, StopReason
+from hpcml.compute.tasks import Task, split_step_output
 from hpcml.config import TrainJobConfig
-from hpcml.errors import ConfigError, ReplicasDivergedError
+from hpcml.errors import ConfigError, DataError, ReplicasDivergedError
 from hpcml.fileio import write_atomically
 from hpcml.outputs import MODEL_FILE, RESULT_FILE
+from hpcml.signal_names import parse_signal
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,8 @@ INITIAL_SAVE_ESTIMATE_S = 5.0
 class TrainingResult:
     steps: int
     final_loss: float
-    test_accuracy: float
+    # What the task's evaluate() returned (classification: test_accuracy, test_loss); {} without data.eval.
+    metrics: dict[str, float]
     params_sha256: str
     world_size: int
     num_nodes: int
@@ -74,19 +79,57 @@ def parameters_checksum(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def as_tensor(value: Any, device: torch.device) -> torch.Tensor:
+    """A step metric (a tensor or a number) as a float32 tensor on `device`, ready to average over ranks."""
+    return torch.as_tensor(value).detach().to(device, torch.float32)
+
+
+def build_model(cfg: TrainJobConfig, device: torch.device) -> torch.nn.Module:
+    # Same seed on every rank: identical initial weights even before DDP's broadcast.
+    torch.manual_seed(cfg.train.seed)
+    model = components.build("model", cfg.model)
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(
+            f"model._target_={cfg.model['_target_']} returned a {type(model).__name__}, not an nn.Module."
+        )
+    return model.to(device)
+
+
 def build_optimizer(cfg: TrainJobConfig, params) -> torch.optim.Optimizer:
-    o = cfg.optim
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    optimizer = components.build("optim", cfg.optim, params)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(
+            f"optim._target_={cfg.optim['_target_']} returned a {type(optimizer).__name__}, not a torch Optimizer."
+        )
+    return optimizer
 
 
 def build_scheduler(cfg: TrainJobConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    if cfg.optim.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    """The config's schedule, stepped once per training step; none: a constant learning rate."""
+    if cfg.schedule is None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return components.build("schedule", cfg.schedule, optimizer)
+
+
+def build_task(cfg: TrainJobConfig) -> Task:
+    task = components.build("task", cfg.task)
+    if not isinstance(task, Task):
+        raise ConfigError(
+            f"task._target_={cfg.task['_target_']} built a {type(task).__name__}, which lacks training_step(model, batch) "
+            "or evaluate(model, batches); see hpcml/compute/tasks.py."
+        )
+    return task
+
+
+def build_datasets(cfg: TrainJobConfig, device: torch.device) -> tuple[Any, Any | None]:
+    """The train and (optional) eval datasets, in-memory ones moved to the GPU when they fit."""
+    train = components.build("data.train", cfg.data["train"])
+    check_map_style(train, "data.train")
+    evaluation = None
+    if cfg.data.get("eval") is not None:
+        evaluation = components.build("data.eval", cfg.data["eval"])
+        check_map_style(evaluation, "data.eval")
+    return on_device(train, device), (on_device(evaluation, device) if evaluation is not None else None)
 
 
 class Trainer:
@@ -98,14 +141,36 @@ class Trainer:
         self.checkpoint_dir = (
             Path(cfg.checkpoint.dir).resolve() if cfg.checkpoint.dir else self.output_dir / "checkpoints"
         )
-        self.data = on_device(load_dataset(cfg.data), ctx.device)
-        self.stream = GlobalBatchStream(len(self.data.x_train), cfg.train.global_batch_size, cfg.train.seed)
-        # Same seed on every rank: identical initial weights even before DDP's broadcast.
-        torch.manual_seed(cfg.train.seed)
-        self.model = build_mlp(cfg.model, self.data.input_dim, self.data.num_classes).to(ctx.device)
+        self.task = build_task(cfg)
+        self.train_data, self.eval_data = build_datasets(cfg, ctx.device)
+        self.stream = GlobalBatchStream(len(self.train_data), cfg.train.global_batch_size, cfg.train.seed)
+        collate = components.build("loader.collate_fn", cfg.loader.collate_fn) if cfg.loader.collate_fn else None
+        self.batches = BatchSource(
+            self.train_data,
+            self.stream,
+            ctx.rank,
+            ctx.world_size,
+            ctx.device,
+            cfg.train.seed,
+            cfg.loader,
+            cfg.train.steps,
+            collate,
+            stop_signals=(signal.SIGTERM, parse_signal(cfg.preempt.signal)),
+        )
+        self.model = build_model(cfg, ctx.device)
         self.sync = make_gradient_sync(self.model, ctx, cfg.train)
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         self.scheduler = build_scheduler(cfg, self.optimizer)
+        # Everything a checkpoint holds, by name: each has state_dict() and load_state_dict().
+        self.stateful: dict[str, Any] = {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "grad_sync": self.sync,
+        }
+        if hasattr(self.task, "state_dict") and hasattr(self.task, "load_state_dict"):
+            self.stateful["task"] = self.task
+        self.loss_watch = NonFiniteLossWatch(ctx)
         self.writer = (
             ckpt.CheckpointWriter(self.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
             if ctx.is_main
@@ -128,12 +193,7 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def train_state(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "grad_sync": self.sync.state_dict(),
-        }
+        return {name: obj.state_dict() for name, obj in self.stateful.items()}
 
     def _choose_checkpoint(self) -> ckpt.LoadedCheckpoint | None:
         """Rank 0 picks, verifies and loads; every rank learns which checkpoint (and loads it too)."""
@@ -164,10 +224,13 @@ class Trainer:
             )
         # Checkpoints of earlier versions also hold "scaler": None (an unused mixed-precision slot); never read.
         state = loaded.train_state
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.sync.load_state_dict(state.get("grad_sync"))
+        for name, obj in self.stateful.items():
+            if name not in state and name != "grad_sync":  # checkpoints before grad_sync state lack it: fine
+                raise ConfigError(
+                    f"{path} holds no {name!r} state (it holds {', '.join(sorted(state))}): it was written by a run "
+                    f"with another {name}. Resume with the same config, or start fresh with checkpoint.resume=none."
+                )
+            obj.load_state_dict(state.get(name))
         if loaded.rng_state is not None:
             ckpt.restore_rng_state(loaded.rng_state)
         # The data position is a count of global samples, so any world size continues the same stream.
@@ -184,6 +247,8 @@ class Trainer:
 
     def save(self, wait: bool = False) -> None:
         """Every rank calls this at the same step boundary; rank 0 writes."""
+        # A NaN from any rank has reached every replica through the gradient average: never save it.
+        self.loss_watch.check(self.step)
         started = time.perf_counter()
         rng_states = [ckpt.capture_rng_state()]
         if self.ctx.world_size > 1:
@@ -230,19 +295,28 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
-    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.from_numpy(self.stream.rank_batch(step, self.ctx.rank, self.ctx.world_size))
-        idx = idx.to(self.data.x_train.device, non_blocking=True)  # no-op for host data
-        x = self.data.x_train[idx].to(self.ctx.device, non_blocking=True)
-        y = self.data.y_train[idx].to(self.ctx.device, non_blocking=True)
-        return x, y
+    def batch(self, step: int, peek: bool = False) -> Any:
+        """This rank's share of global batch `step`, on its device; `peek` reads it without advancing the
+        loader (the settling step reads the batch the first real step then trains on)."""
+        try:
+            return self.batches.peek(step) if peek else self.batches.next_batch(step)
+        except Exception as err:
+            raise DataError(
+                f"data.train failed on rank {self.ctx.rank} at step {step + 1}, reading its batch: {err!r}"
+            ) from err
 
-    def train_step(self) -> torch.Tensor:
-        x, y = self._batch(self.step)
+    def loss_and_metrics(self, module: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, Any]:
+        return split_step_output(self.task.training_step(module, batch), f"{type(self.task).__name__}.training_step")
+
+    def train_step(self) -> tuple[torch.Tensor, Any]:
+        """One step: the task's loss on this rank's batch, gradients averaged, the optimizer and schedule
+        stepped. Returns the loss (detached) and the task's step metrics."""
+        batch = self.batch(self.step)
         self.sync.zero_grad(self.optimizer)
         if self._forward_changes_state:
             self._wait_checkpoint_staged()
-        loss = F.cross_entropy(self.sync.module(x), y)
+        loss, step_metrics = self.loss_and_metrics(self.sync.module, batch)
+        self.loss_watch.observe(loss, self.step + 1)
         self.sync.backward(loss)
         self.sync.synchronize()
         self._wait_checkpoint_staged()
@@ -260,13 +334,22 @@ class Trainer:
             raise RuntimeError(f"injected fault: {fault.raise_if_file_exists} exists (fault.raise_if_file_exists)")
         if fault.step_sleep_s:
             time.sleep(fault.step_sleep_s)
-        return loss.detach()
+        return loss.detach(), step_metrics
 
     def settle(self) -> None:
         """Before the first step of a run or a resume: the gradient sync lays out its buffers and chooses its
-        transports on this step's batch, and rank 0 allocates its checkpoint staging buffers."""
-        x, y = self._batch(self.step)
-        self.sync.settle(lambda module: F.cross_entropy(module(x), y))
+        transports on this step's batch, and rank 0 allocates its checkpoint staging buffers.
+
+        The throwaway step leaves no trace: random draws (dropout, a Dataset's augmentation) and the task's
+        own state are put back, or a resumed run would differ from the uninterrupted one from here on.
+        """
+        rng = ckpt.capture_rng_state()
+        task_state = copy.deepcopy(self.task.state_dict()) if "task" in self.stateful else None
+        batch = self.batch(self.step, peek=True)
+        self.sync.settle(lambda module: self.loss_and_metrics(module, batch)[0])
+        ckpt.restore_rng_state(rng)
+        if task_state is not None:
+            self.task.load_state_dict(task_state)
         if self.writer is not None:
             self.writer.prepare(self.train_state())
 
@@ -289,11 +372,20 @@ class Trainer:
         return float(value)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict[str, float]:
+        """The task's metrics on the eval dataset, computed alike on every rank; {} without one."""
+        if self.eval_data is None:
+            return {}
         self.model.eval()
-        logits = self.model(self.data.x_test.to(self.ctx.device))
-        self.model.train()
-        return float((logits.argmax(dim=1) == self.data.y_test.to(logits.device)).float().mean())
+        try:
+            found = self.task.evaluate(
+                self.model, eval_batches(self.eval_data, self.cfg.train.eval_batch_size, self.ctx.device)
+            )
+        finally:
+            self.model.train()
+        if not isinstance(found, dict) or not all(isinstance(v, (int, float)) for v in found.values()):
+            raise TypeError(f"{type(self.task).__name__}.evaluate must return a dict of floats; got {found!r}.")
+        return {str(k): float(v) for k, v in found.items()}
 
     def fit(self) -> TrainingOutcome:
         cfg = self.cfg.train
@@ -309,20 +401,27 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 step_started = time.perf_counter()
-                loss = self.train_step()
+                loss, step_metrics = self.train_step()
                 if first_step_at is None:
                     first_step_at = time.time()
                 window_steps += 1
                 metrics.advance()
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self.loss_watch.check(self.step)
                     elapsed = time.perf_counter() - window_start
                     metrics.write(
                         self.step,
                         {
                             "loss": self.global_mean(loss),
+                            **{
+                                name: self.global_mean(as_tensor(step_metrics[name], self.ctx.device))
+                                for name in sorted(step_metrics)
+                            },
                             "samples_per_s": window_steps * cfg.global_batch_size / max(elapsed, 1e-9),
                             "epoch": self.stream.samples_consumed(self.step) / self.stream.num_samples,
                             "lr": self.scheduler.get_last_lr()[0],
+                            # Rank 0's time waiting for batches, as a share of the steps' time.
+                            "loader_wait": self.batches.take_wait_s() / max(elapsed, 1e-9),
                         },
                     )
                     window_start, window_steps = time.perf_counter(), 0
@@ -335,17 +434,19 @@ class Trainer:
                     return TrainingOutcome(None, decision.stop, self.step)
                 if decision.save and self.step < cfg.steps:
                     self.save()
-            accuracy = self.evaluate()
             elapsed = time.perf_counter() - start
-            metrics.write(self.step, {"test_accuracy": accuracy})
+            evaluated = self.evaluate()
+            if evaluated:
+                metrics.write(self.step, evaluated)
             if self.resumed_from != self.step:
                 self.save(wait=True)  # the final state: a finished run that is requeued does not retrain
         finally:
             metrics.close()
+            self.batches.close()
         result = TrainingResult(
             steps=self.step,
             final_loss=self.global_mean(loss),
-            test_accuracy=accuracy,
+            metrics=evaluated,
             params_sha256=parameters_checksum(self.model),
             world_size=self.ctx.world_size,
             num_nodes=self.ctx.placement.num_nodes,

@@ -3,7 +3,7 @@
 hpcml status outputs/sweeps/<time> [--watch]     one row per trial: state, restarts, start-up retries,
                                                  step, metrics (--watch: refreshed until every trial has
                                                  ended); a single run's outputs/runs/<time> works too
-hpcml report outputs/sweeps/<time> [--metric test_accuracy --mode max]
+hpcml report outputs/sweeps/<time> [--metric NAME --mode max]   NAME: the sweep's launch.objective by default
 hpcml resume outputs/sweeps/<time>               resubmit only trials that failed or never finished
 """
 
@@ -17,14 +17,16 @@ from pathlib import Path
 from hpcml.errors import HpcmlError, SubmissionError, report_error
 from hpcml.login.sweep import TrialStatus, follow, load_sweep, resume_sweep, sweep_status
 
-COLUMNS = ("trial", "overrides", "state", "restarts", "retries", "step", "loss", "test_acc", "elapsed", "error")
+COLUMNS = ("trial", "overrides", "state", "restarts", "retries", "step", "loss", "<objective>", "elapsed", "error")
 
 
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4g}"
 
 
-def render_status(rows: list[TrialStatus]) -> str:
+def render_status(rows: list[TrialStatus], objective: str) -> str:
+    """The status table; the objective's column is named after it (test_accuracy, val_loss, ...)."""
+    columns = tuple(objective if c == "<objective>" else c for c in COLUMNS)
     cells = [
         (
             str(r.num),
@@ -34,31 +36,31 @@ def render_status(rows: list[TrialStatus]) -> str:
             str(r.startup_retries),
             str(r.step),
             _fmt(r.loss),
-            _fmt(r.test_accuracy),
+            _fmt(r.objective),
             r.elapsed,
             r.error[:100],
         )
         for r in rows
     ]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(COLUMNS)]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(columns)]
     line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()  # noqa: E731
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.state] = counts.get(r.state, 0) + 1
     summary = ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items()))
-    return "\n".join([line(COLUMNS), *(line(c) for c in cells), f"{len(rows)} trials: {summary}"])
+    return "\n".join([line(columns), *(line(c) for c in cells), f"{len(rows)} trials: {summary}"])
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.sweep_dir, single_runs=True)
     if not args.watch:
-        print(render_status(sweep_status(sweep)))
+        print(render_status(sweep_status(sweep), sweep.objective))
         return 0
     # Until every trial has ended: a watch that outlives the sweep would hold the terminal for nothing.
     follow(
         sweep,
         args.interval,
-        lambda rows: f"\033[2J\033[H{time.strftime('%H:%M:%S')}  {sweep.path}\n{render_status(rows)}",
+        lambda rows: f"\033[2J\033[H{time.strftime('%H:%M:%S')}  {sweep.path}\n{render_status(rows, sweep.objective)}",
     )
     return 0
 
@@ -66,11 +68,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from hpcml.login.report import write_report
 
-    report = write_report(load_sweep(args.sweep_dir), args.metric, args.mode)
+    sweep = load_sweep(args.sweep_dir)
+    metric = args.metric or sweep.objective
+    report = write_report(sweep, metric, args.mode)
     print(report.markdown)
-    print(
-        f"best: trial {report.best.num} ({' '.join(report.best.overrides)}) with {args.metric}={report.best.value:.6g}"
-    )
+    print(f"best: trial {report.best.num} ({' '.join(report.best.overrides)}) with {metric}={report.best.value:.6g}")
     print(f"written: {', '.join(str(p) for p in report.files)}")
     return 0
 
@@ -119,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     status.set_defaults(run=cmd_status)
     report = verbs.add_parser("report", help="best trial, summary table, plots")
     report.add_argument("sweep_dir", type=Path)
-    report.add_argument("--metric", default="test_accuracy", help="a metric the trials logged (metrics.jsonl)")
+    report.add_argument(
+        "--metric",
+        default=None,
+        help="a metric the trials logged (metrics.jsonl); default: the sweep's launch.objective",
+    )
     report.add_argument("--mode", choices=("max", "min"), default="max")
     report.set_defaults(run=cmd_report)
     resume = verbs.add_parser("resume", help="resubmit trials that failed or never finished")

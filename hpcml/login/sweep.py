@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from hpcml.config import TrainJobConfig, to_plain_dict, validate
+from hpcml.config import LaunchConfig, TrainJobConfig, to_plain_dict, validate
 from hpcml.errors import HpcmlError
 from hpcml.fileio import write_atomically
 from hpcml.job_entry import TrainingJob
@@ -26,6 +26,7 @@ from hpcml.outputs import JOB_RECORD, METRICS_FILE, RESULT_FILE, read_metrics
 from hpcml.slurm_commands import ACTIVE_STATES, TERMINAL_STATES
 
 SWEEP_FILE = "sweep.json"
+DEFAULT_OBJECTIVE = LaunchConfig.objective
 TRIAL_CONFIG = "trial_config.json"
 # libyaml's emitter where PyYAML was built with it: OmegaConf's pure-Python one dominated a trial's cost.
 _YamlDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
@@ -50,24 +51,26 @@ class Sweep:
     path: Path
     trials: list[Trial]
     created: float
+    # The trials' launch.objective: the metric `hpcml status` shows and `hpcml report` ranks by default.
+    objective: str = DEFAULT_OBJECTIVE
 
     @property
     def record(self) -> Path:
         return self.path / SWEEP_FILE
 
     def save(self) -> None:
-        data = {"created": self.created, "trials": [asdict(t) for t in self.trials]}
+        data = {"created": self.created, "objective": self.objective, "trials": [asdict(t) for t in self.trials]}
         write_atomically(self.record, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 
-def open_sweep(path: Path, trials: list[Trial]) -> Sweep:
+def open_sweep(path: Path, trials: list[Trial], objective: str = DEFAULT_OBJECTIVE) -> Sweep:
     """The sweep at `path` with `trials` added: sweepers that launch in batches (Optuna) add to one record."""
     if (Path(path) / SWEEP_FILE).is_file():
         sweep = load_sweep(path)
         known = {t.num for t in sweep.trials}
         sweep.trials += [t for t in trials if t.num not in known]
         return sweep
-    return Sweep(Path(path), list(trials), time.time())
+    return Sweep(Path(path), list(trials), time.time(), objective)
 
 
 def load_sweep(path: Path, single_runs: bool = False) -> Sweep:
@@ -85,7 +88,9 @@ def load_sweep(path: Path, single_runs: bool = False) -> Sweep:
         )
     try:
         data = json.loads(record.read_text())
-        return Sweep(Path(path), [Trial(**t) for t in data["trials"]], data["created"])
+        # Records written before the objective was kept have the default one.
+        objective = data.get("objective", DEFAULT_OBJECTIVE)
+        return Sweep(Path(path), [Trial(**t) for t in data["trials"]], data["created"], objective)
     except (ValueError, KeyError, TypeError) as err:
         raise SweepError(f"{record} is unreadable: {err}") from err
 
@@ -171,18 +176,19 @@ class TrialStatus:
     startup_retries: int
     step: int
     loss: float | None
-    test_accuracy: float | None
+    # The latest value of the sweep's objective metric (launch.objective) the trial logged.
+    objective: float | None
     elapsed: str
     error: str
 
 
-def _metrics(trial_dir: Path) -> tuple[int, float | None, float | None]:
-    step, loss, accuracy = 0, None, None
+def _metrics(trial_dir: Path, objective: str) -> tuple[int, float | None, float | None]:
+    step, loss, value = 0, None, None
     for record in read_metrics(trial_dir / METRICS_FILE):
         step = max(step, record.get("step", 0))
         loss = record.get("loss", loss)
-        accuracy = record.get("test_accuracy", accuracy)
-    return step, loss, accuracy
+        value = record.get(objective, value)
+    return step, loss, value
 
 
 _ERROR_LINE = re.compile(r"^(?:\[rank \d+\] )?([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)\b.*)$")
@@ -231,7 +237,7 @@ def sweep_status(sweep: Sweep) -> list[TrialStatus]:
     for trial in sweep.trials:
         trial_dir = sweep.path / trial.dir
         state, elapsed = states.get(trial.job_id or "", ("NOT SUBMITTED" if not trial.job_id else "UNKNOWN", ""))
-        step, loss, accuracy = _metrics(trial_dir)
+        step, loss, value = _metrics(trial_dir, sweep.objective)
         error = first_error(sweep, trial) if state in TERMINAL_STATES - {"COMPLETED"} else ""
         rows.append(
             TrialStatus(
@@ -242,7 +248,7 @@ def sweep_status(sweep: Sweep) -> list[TrialStatus]:
                 job_record_count(trial_dir, "startup_retries"),
                 step,
                 loss,
-                accuracy,
+                value,
                 elapsed,
                 error,
             )

@@ -9,8 +9,8 @@ figures), and a 1000-trial sweep spent minutes on it. Trials that differ from th
 usual sweep) are derived from the first trial instead; anything else (config groups, +/++/~ overrides,
 dict values, hydra.* keys) is composed by Hydra as before. Two ways to derive, fastest first:
 - from the first trial's validated config: the changed values are set and checked section by section
-  (hpcml.config.with_values, the fastest); only where no task value is an interpolation (one could read a
-  swept key) and the trial's subdir reads only hydra.* keys;
+  (hpcml.config.with_values, the fastest); only where no task interpolation reads a changed key (the
+  MLP's ${data.input_dim} may stay, a swept data.input_dim may not) and the subdir reads only hydra.* keys;
 - otherwise from its composed config, applying the overrides exactly as Hydra's composition applies such
   an override (OmegaConf.update, merge=True), then validating the whole.
 A value either way rejects goes back to Hydra's composition, whose error message the user then sees.
@@ -35,7 +35,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra.plugins.launcher import Launcher
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from hpcml.config import TrainJobConfig, validate, with_values
@@ -113,24 +113,62 @@ def derive_trial_config(
 _SET_BY_LAUNCHER = {"train.output_dir"}
 
 
-def _interpolated_keys(node: DictConfig | ListConfig, prefix: str = "") -> Iterator[str]:
-    for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
-        path = f"{prefix}{key}"
-        if OmegaConf.is_interpolation(node, key):
-            yield path
-        elif not OmegaConf.is_missing(node, key) and OmegaConf.is_config(child := node[key]):
-            yield from _interpolated_keys(child, f"{path}.")
+def _leaves(node: object, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """(dotted key, raw value) of every leaf of a plain container, interpolations unresolved."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else None
+    if items is None:
+        yield prefix.rstrip("."), node
+        return
+    for key, child in items:
+        yield from _leaves(child, f"{prefix}{key}.")
 
 
-def values_alone_decide(composed: DictConfig) -> bool:
-    """Whether a trial that changes plain values of `composed` is fully described by the new values: no task
-    value is an interpolation (it could read a swept key, and a validated config has them resolved) and the
-    trial's subdir reads nothing but hydra.* keys (plain interpolations, no resolvers)."""
-    task = OmegaConf.masked_copy(composed, [k for k in composed if k != "hydra"])
-    if any(key not in _SET_BY_LAUNCHER for key in _interpolated_keys(task)):
-        return False
+def _references(value: object) -> list[str] | None:
+    """The keys a plain interpolation reads (`${a.b}`, or several inside a string); None for a resolver
+    (`${now:...}`), a relative key or a nested interpolation, which could read anything."""
+    if not isinstance(value, str) or "${" not in value:
+        return []
+    refs = re.findall(r"\$\{([^}]*)\}", value)
+    if any(not re.fullmatch(r"[A-Za-z_][\w]*(\.[\w]+)*", ref) for ref in refs):
+        return None
+    return refs
+
+
+def _overlaps(key: str, other: str) -> bool:
+    return key == other or key.startswith(f"{other}.") or other.startswith(f"{key}.")
+
+
+def interpolation_sources(composed: DictConfig) -> set[str] | None:
+    """Every key that some task value's interpolation reads, following chains (the MLP's input_dim reads
+    data.input_dim); None where one could read anything (a resolver, a relative key)."""
+    task = OmegaConf.to_container(OmegaConf.masked_copy(composed, [k for k in composed if k != "hydra"]), resolve=False)
+    leaves = dict(_leaves(task))
+    pending = [key for key, value in leaves.items() if key not in _SET_BY_LAUNCHER and _references(value) != []]
+    sources: set[str] = set()
+    seen = set(pending)
+    while pending:
+        refs = _references(leaves[pending.pop()])
+        if refs is None:
+            return None
+        for ref in refs:
+            sources.add(ref)
+            # A value it reads may be an interpolation itself.
+            for key, value in leaves.items():
+                if key not in seen and _overlaps(key, ref) and _references(value) != []:
+                    seen.add(key)
+                    pending.append(key)
+    return sources
+
+
+def values_alone_decide(composed: DictConfig) -> set[str] | None:
+    """The keys a trial may not change if its new values alone are to describe it: those the task's
+    interpolations read (a validated config has them resolved). None where no trial can be derived that
+    way: an interpolation could read anything, or the trial's subdir reads more than hydra.* keys (plain
+    interpolations, no resolvers)."""
     subdir = str(OmegaConf.to_container(composed.hydra.sweep, resolve=False)["subdir"])
-    return all(re.fullmatch(r"hydra\.[\w.]+", ref) for ref in re.findall(r"\$\{([^}]*)\}", subdir))
+    if not all(re.fullmatch(r"hydra\.[\w.]+", ref) for ref in re.findall(r"\$\{([^}]*)\}", subdir)):
+        return None
+    return interpolation_sources(composed)
 
 
 @dataclass
@@ -140,9 +178,11 @@ class TrialTemplate:
     composed: DictConfig  # the whole config, hydra node included
     overrides: list[Override]
     # Its validated task config and a copy of its hydra node for resolving each trial's subdir, where the
-    # new values alone decide a trial (values_alone_decide); None where not, or until validated.
+    # new values alone can decide a trial (values_alone_decide); None where not, or until validated.
     config: TrainJobConfig | None = None
     hydra_scratch: DictConfig | None = None
+    # Keys a trial derived from `config` may not change: the task's interpolations read them.
+    read_by_interpolations: frozenset[str] = frozenset()
 
 
 class HpcmlLauncher(Launcher):
@@ -151,6 +191,8 @@ class HpcmlLauncher(Launcher):
         self.hydra_context = None
         self.task_function = None
         self._template: TrialTemplate | None = None
+        # How many trials were derived from the first's validated config (the fastest way).
+        self.derived_from_validated = 0
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config = config
@@ -167,23 +209,20 @@ class HpcmlLauncher(Launcher):
         task, trial_dir = self._trial_config(overrides, parsed, num)
         config = validate(task)
         template = self._template
-        if first and template is not None and values_alone_decide(template.composed):
+        if first and template is not None and (sources := values_alone_decide(template.composed)) is not None:
             template.config = config
             template.hydra_scratch = copy.deepcopy(OmegaConf.masked_copy(template.composed, ["hydra"]))
+            template.read_by_interpolations = frozenset(sources)
         return config, trial_dir
-
-    @property
-    def derives_from_validated_config(self) -> bool:
-        """Whether later trials are derived from the first trial's validated config, the fastest way (only
-        where the new values alone decide a trial: values_alone_decide)."""
-        return self._template is not None and self._template.config is not None
 
     def _derive_validated(self, parsed: list[Override], num: int) -> tuple[TrainJobConfig, Path] | None:
         template = self._template
         if template is None or template.config is None or template.hydra_scratch is None:
             return None
         changed = changed_values(template.composed, template.overrides, parsed)
-        if changed is None:
+        if changed is None or any(
+            _overlaps(o.key_or_group, read) for o in changed for read in template.read_by_interpolations
+        ):
             return None
         scratch = template.hydra_scratch
         set_job_fields(scratch, parsed)
@@ -194,7 +233,9 @@ class HpcmlLauncher(Launcher):
         values = {o.key_or_group: o.value() for o in changed}
         values["train.output_dir"] = str(trial_dir.resolve())
         try:
-            return with_values(template.config, values), trial_dir
+            derived = with_values(template.config, values), trial_dir
+            self.derived_from_validated += 1
+            return derived
         except ConfigError:
             return None  # composed by Hydra and validated whole, the trial gets the usual error message
 
@@ -248,7 +289,7 @@ class HpcmlLauncher(Launcher):
             )
         if not configs[0].cluster.submit:
             return self._run_here(job_overrides, initial_job_idx)
-        sweep = open_sweep(sweep_dir, trials)
+        sweep = open_sweep(sweep_dir, trials, configs[0].launch.objective)
         dry_run = configs[0].launch.dry_run
         if not dry_run:
             sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -264,28 +305,29 @@ class HpcmlLauncher(Launcher):
         print(f"sweep of {len(sweep.trials)} trials: {sweep_dir}")
         print(f"  follow: hpcml status {sweep_dir} --watch")
         # Hydra's basic sweeper needs nothing back; an optimizing one (Optuna) needs each trial's objective.
-        sweeper = str(self.config.hydra.sweeper.get("_target_", ""))
-        needs_values = not sweeper.endswith(("BasicSweeper", "HpcmlSweeper"))
+        from hpcml.outputs import sweeper_needs_objective
+
+        needs_values = sweeper_needs_objective(str(self.config.hydra.sweeper.get("_target_", "")))
         if not (configs[0].launch.wait or needs_values):
             return submitted
         from hpcml.login.cli import render_status
         from hpcml.login.sweep import follow
 
-        follow(sweep, configs[0].launch.poll_s, render_status)
+        follow(sweep, configs[0].launch.poll_s, lambda rows: render_status(rows, sweep.objective))
         return [
-            self._outcome(o, sweep_dir / trial.dir, cfg)
+            self._outcome(o, sweep_dir / trial.dir, cfg, needs_values)
             for o, trial, cfg in zip(job_overrides, trials, configs, strict=True)
         ]
 
     @staticmethod
-    def _outcome(overrides, trial_dir: Path, cfg: TrainJobConfig) -> JobReturn:
+    def _outcome(overrides, trial_dir: Path, cfg: TrainJobConfig, needs_value: bool) -> JobReturn:
         from hpcml.login.sweep import SweepError
-        from hpcml.outputs import read_objective
+        from hpcml.outputs import RESULT_FILE, read_objective
 
-        value = read_objective(trial_dir, cfg.launch.objective)
-        if value is None:
+        if not (trial_dir / RESULT_FILE).is_file():
             error = SweepError(f"trial in {trial_dir} ended without a result; see `hpcml status`")
             return JobReturn(overrides=list(overrides), status=JobStatus.FAILED, _return_value=error)
+        value = read_objective(trial_dir, cfg.launch.objective) if needs_value else None
         return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, _return_value=value)
 
     def _run_here(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:

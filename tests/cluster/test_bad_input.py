@@ -24,7 +24,13 @@ def job_count() -> int:
         ),
         (["cluster.nodes=4"], 2, "partition batch has only 2 nodes"),
         (["cluster.nodes=0"], 2, "cluster.nodes=0"),
-        (["data.name=npz", "data.path=/no/such/file.npz"], 2, "data.path=/no/such/file.npz does not exist"),
+        (
+            ["data=npz", "data.path=/no/such/file.npz", "data.input_dim=4", "data.num_classes=2"],
+            2,
+            "data.train.path=/no/such/file.npz does not exist",
+        ),
+        (["model._target_=my_project.Net"], 2, "model._target_=my_project.Net: no such module"),
+        (["+optim.momentun=0.5"], 2, "it takes no argument 'momentun' (did you mean 'momentum'?)"),
         (["train.stepz=5"], 1, "Key 'stepz' not in 'TrainConfig'"),
     ],
 )

@@ -24,6 +24,7 @@ from helpers import (
     read_result,
     site_policy,
 )
+from user_code import USE
 
 SLOW = ["train.steps=300", "fault.step_sleep_s=0.05", "checkpoint.every_steps=50"]
 # Independent runs are compared bitwise, so they must sum gradients in the same order: transport=auto
@@ -84,6 +85,18 @@ def reference_sha():
     return read_result(out)["params_sha256"]
 
 
+# A user's model with BatchNorm, a Dataset that draws random augmentation in __getitem__, read by two
+# DataLoader workers per rank (tests/user_code.py, tests/user_conf/).
+USER_RUN = [*USE, "+model.batchnorm=true", "+data.train.noise=0.3", "loader.num_workers=2", "launch.objective=val_mse"]
+
+
+@pytest.fixture(scope="module")
+def user_reference_sha():
+    out = new_out("user-reference")
+    finish(submit(out, *USER_RUN, "train.steps=300"))
+    return read_result(out)["params_sha256"]
+
+
 def interrupt(kind: str, job_id: str) -> None:
     if kind == "scontrol_requeue":
         subprocess.run(["scontrol", "requeue", job_id], check=True)
@@ -101,27 +114,30 @@ def interrupt(kind: str, job_id: str) -> None:
         raise ValueError(kind)
 
 
-def test_every_kind_of_interrupt_in_one_run_resumes_bitwise_equal(reference_sha):
+def test_every_kind_of_interrupt_in_one_run_of_user_code_resumes_bitwise_equal(user_reference_sha):
     """`scontrol requeue`, `scancel --signal=TERM` and a preemption, in a random order at random steps of one
-    run: each attempt saves, comes back by itself and resumes at exactly the step the last one stopped at."""
+    run of a user's BatchNorm model on an augmenting Dataset with DataLoader workers: each attempt saves,
+    comes back by itself and resumes at exactly the step the last one stopped at."""
     rng = random.Random(3)
     kinds = rng.sample(["scontrol_requeue", "scancel_term", "preemption"], k=3)
     out = new_out("every-kind")
-    proc = submit(out, *SLOW)
+    proc = submit(out, *USER_RUN, *SLOW)
     job = job_id_of(out)
     at = sorted(rng.sample(range(30, 260, 10), k=len(kinds)))
     for n, (step, kind) in enumerate(zip(at, kinds, strict=True)):
         wait_for_step(out, step)
         interrupt(kind, job)
-        # Wait until this interrupt's restart has started training again before the next one.
+        # Wait until this interrupt's restart has resumed training before the next one. (Its Slurm state alone,
+        # RUNNING, is not enough: a TERM to ranks that are still starting Python kills them before any code of
+        # ours runs, and the batch shell then relaunches the step in the same allocation, measured.)
         deadline = time.monotonic() + 120
-        while len(attempts(job)) < n + 2 or attempts(job)[-1] != "RUNNING":
+        while rank0_log(out, job).count("resumed from") < n + 1:
             assert time.monotonic() < deadline, attempts(job)
             time.sleep(0.5)
     finish(proc)
     result = read_result(out)
-    assert result["params_sha256"] == reference_sha and result["replicas_identical"]
-    assert result["resumed_from_step"] is not None
+    assert result["params_sha256"] == user_reference_sha and result["replicas_identical"]
+    assert result["resumed_from_step"] is not None and set(result["metrics"]) == {"val_mse"}
     history = attempts(job)
     assert history[-1] == "COMPLETED" and len(history) == len(kinds) + 1, history  # one restart per interrupt
     log = rank0_log(out, job)

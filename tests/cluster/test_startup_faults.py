@@ -41,7 +41,7 @@ def test_a_config_error_on_the_compute_node_fails_at_once(out_dir):
     data = out_dir / "arrays.npz"
     rng = np.random.default_rng(0)
     np.savez(data, x=rng.normal(size=(64, 4)).astype("float32"), y=rng.integers(0, 2, 64))
-    done = run(out_dir, "data.name=npz", f"data.path={data}", "train.steps=20")
+    done = run(out_dir, "data=npz", f"data.path={data}", "data.input_dim=4", "data.num_classes=2", "train.steps=20")
     assert done.returncode == 0, done.stderr
     data.unlink()  # valid on the login node, gone by the time the ranks check it
     job = next((out_dir / "slurm").glob("*_submitted.pkl")).name.split("_")[0]

@@ -5,6 +5,7 @@ import re
 import subprocess
 import time
 
+import pytest
 from helpers import PYTHON, ROOT, TRAIN, mpi_env, site_policy
 
 from hpcml.login.sweep import TERMINAL_STATES, load_sweep, sweep_status
@@ -92,8 +93,10 @@ def test_six_trial_sweep_end_to_end():
     assert "nothing to resume" in hpcml("resume", str(base)).stdout
 
     # The report's best is the trial that really had the best accuracy.
-    accuracy = {n: json.loads((base / str(n) / "result.json").read_text())["test_accuracy"] for n in range(6)}
-    report = hpcml("report", str(base), "--metric", "test_accuracy", "--mode", "max")
+    accuracy = {
+        n: json.loads((base / str(n) / "result.json").read_text())["metrics"]["test_accuracy"] for n in range(6)
+    }
+    report = hpcml("report", str(base), "--mode", "max")  # the sweep's objective: test_accuracy
     assert report.returncode == 0, report.stderr
     best = max(accuracy, key=accuracy.get)
     assert f"best: trial {best} " in report.stdout
@@ -106,17 +109,22 @@ def test_six_trial_sweep_end_to_end():
 
 
 def test_optuna_sweep_waits_for_each_batch_and_gets_its_objectives():
+    """A user's model and task (tests/user_code.py): Optuna minimizes the metric their evaluate() returns."""
+    from user_code import USE
+
     base = ROOT / "outputs" / "test-runs" / f"optuna-{time.time_ns()}"
     done = subprocess.run(
         [
             PYTHON,
             TRAIN,
             "-m",
+            *USE,
             "cluster=local",
             "hydra/sweeper=optuna",
             "hydra.sweeper.n_trials=4",
             "hydra.sweeper.n_jobs=2",
-            "hydra.sweeper.direction=maximize",
+            "hydra.sweeper.direction=minimize",
+            "launch.objective=val_mse",
             "optim.lr=interval(0.02,0.2)",
             "train.steps=50",
             f"hydra.sweep.dir={base}",
@@ -130,9 +138,11 @@ def test_optuna_sweep_waits_for_each_batch_and_gets_its_objectives():
     assert done.returncode == 0, done.stdout + done.stderr
     assert len(re.findall(r"submitted 2 trials as Slurm array \d+", done.stdout)) == 2  # one array per Optuna batch
     assert [t.num for t in load_sweep(base).trials] == [0, 1, 2, 3]
-    accuracies = [json.loads((base / str(n) / "result.json").read_text())["test_accuracy"] for n in range(4)]
-    best = float(re.search(r"Best value: ([\d.]+)", done.stdout + done.stderr).group(1))
-    assert best == max(accuracies) or abs(best - max(accuracies)) < 1e-9
+    errors = [json.loads((base / str(n) / "result.json").read_text())["metrics"]["val_mse"] for n in range(4)]
+    best = float(re.search(r"Best value: ([\d.e-]+)", done.stdout + done.stderr).group(1))
+    assert best == pytest.approx(min(errors), rel=1e-9)
+    status = hpcml("status", str(base))
+    assert status.stdout.splitlines()[0].split()[7] == "val_mse", status.stdout  # the sweep's objective column
 
 
 def run_sweep(base, *overrides) -> subprocess.CompletedProcess:

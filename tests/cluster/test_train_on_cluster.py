@@ -43,7 +43,7 @@ def test_two_nodes_two_ranks_train_to_the_bar(demo_run):
     assert result["world_size"] == 4 and result["num_nodes"] == 2
     assert result["launcher"] == "Slurm (srun)" and result["backend"] == "gloo"
     assert result["replicas_identical"] and len(set(result["rank_params_sha256"])) == 1
-    assert result["test_accuracy"] >= ACCURACY_BAR
+    assert result["metrics"]["test_accuracy"] >= ACCURACY_BAR
     assert "finished: 300 steps on 2 nodes x 2 ranks" in done.stdout
 
 
@@ -94,3 +94,21 @@ def test_one_failing_rank_ends_the_job_promptly_and_leaves_nodes_healthy(tmp_pat
     assert sacct_state(job_id) == "FAILED"
     time.sleep(2)
     assert all(not any(bad in s for bad in ("drain", "down", "fail")) for s in node_states().values()), node_states()
+
+
+def test_the_example_project_trains_on_the_cluster_with_no_change_to_hpcml():
+    """examples/own_model, as its README says to run it: its own package (a BatchNorm CNN, an augmenting
+    Dataset) and config directory, from its own folder, with DataLoader workers, on 2 nodes x 2 ranks."""
+    example = ROOT / "examples" / "own_model"
+    out = ROOT / "outputs" / "test-runs" / f"example-{time.time_ns()}"  # every node sees it
+    env = mpi_env()
+    env["PYTHONPATH"] = ""  # found from the folder it runs in, as for a user, not from a path set for tests
+    cmd = [PYTHON, TRAIN, "--config-dir", "conf", "model=small_cnn", "data=shifted_digits", "optim=adam"]
+    cmd += ["cluster=local", "launch.wait=true", "launch.poll_s=1", "loader.num_workers=2", "train.steps=150"]
+    cmd += [f"train.output_dir={out}", f"hydra.run.dir={out}"]
+    done = subprocess.run(cmd, cwd=example, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    result = read_result(out)
+    assert result["world_size"] == 4 and result["num_nodes"] == 2 and result["replicas_identical"]
+    assert result["metrics"]["test_accuracy"] >= 0.8, result["metrics"]
+    assert "test_accuracy" in done.stdout  # the finished line names the task's metrics

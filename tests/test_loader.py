@@ -1,0 +1,106 @@
+"""Batches through a DataLoader follow the same global batch stream as in-memory tensors: the same samples,
+with the same augmentation, at any world size, with any number of workers, and after a resume."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from user_code import Waves
+
+from hpcml.compute.data import GlobalBatchStream
+from hpcml.compute.loader import BatchSource
+from hpcml.config import LoaderConfig
+
+CPU = torch.device("cpu")
+STEPS = 12
+
+
+def batches(dataset, world_size, workers, start=0, seed=0):
+    """Global batches start..STEPS-1: every rank's batch, concatenated in rank order."""
+    stream = GlobalBatchStream(len(dataset), 32, seed)
+    sources = [
+        BatchSource(dataset, stream, rank, world_size, CPU, seed, LoaderConfig(num_workers=workers), STEPS)
+        for rank in range(world_size)
+    ]
+    out = []
+    for step in range(start, STEPS):
+        parts = [source.next_batch(step) for source in sources]
+        out.append({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+    for source in sources:
+        source.close()
+    return out
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("world_size, workers", [(2, 0), (4, 2), (1, 2)])
+def test_augmented_samples_are_the_same_at_any_world_size_and_worker_count(world_size, workers):
+    data = Waves(size=200, noise=0.5)
+    reference = batches(data, 1, 0)
+    assert not torch.equal(reference[0]["signal"], batches(Waves(size=200), 1, 0)[0]["signal"])  # it does augment
+    assert_same(batches(data, world_size, workers), reference)
+
+
+def test_a_resumed_loader_continues_the_same_stream():
+    data = Waves(size=200, noise=0.5)
+    assert_same(batches(data, 2, 2, start=7), batches(data, 2, 2)[7:])  # crosses the epoch boundary at step 6
+
+
+def test_peek_reads_what_the_loader_delivers_and_reading_never_moves_the_callers_random_streams():
+    data = Waves(size=200, noise=0.5)
+    stream = GlobalBatchStream(200, 32, 0)
+    source = BatchSource(data, stream, 0, 1, CPU, 0, LoaderConfig(num_workers=2), STEPS)
+    torch.manual_seed(5)
+    np.random.seed(5)
+    peeked = source.peek(0)
+    after_torch, after_numpy = torch.rand(1), np.random.rand()
+    torch.manual_seed(5)
+    np.random.seed(5)
+    assert torch.equal(torch.rand(1), after_torch) and np.random.rand() == after_numpy
+    assert_same([source.next_batch(0)], [peeked])
+
+
+def test_a_worker_that_fails_fails_the_batch_with_its_error():
+    source = BatchSource(
+        Waves(size=64, unreadable=3), GlobalBatchStream(64, 64, 0), 0, 1, CPU, 0, LoaderConfig(num_workers=2), 1
+    )
+    with pytest.raises(OSError, match="sample 3: input/output error"):
+        source.next_batch(0)
+
+
+def test_in_memory_tensors_take_the_direct_path_and_give_the_same_batches():
+    tensors = torch.utils.data.TensorDataset(torch.arange(64.0).reshape(32, 2), torch.arange(32))
+    stream = GlobalBatchStream(32, 8, 0)
+    direct = BatchSource(tensors, stream, 1, 2, CPU, 0, LoaderConfig(), 4)
+    loaded = BatchSource(tensors, stream, 1, 2, CPU, 0, LoaderConfig(num_workers=1), 4)
+    assert direct.direct and not loaded.direct
+    for step in range(4):
+        assert all(torch.equal(a, b) for a, b in zip(direct.next_batch(step), loaded.next_batch(step), strict=True))
+
+
+def children_of_this_process() -> list[int]:
+    return [int(pid) for f in Path("/proc/self/task").glob("*/children") for pid in f.read_text().split()]
+
+
+def test_workers_outlive_the_stop_signals_slurm_sends_to_every_process_of_a_step():
+    """TERM and the warning signal reach the workers too; only the rank acts on them (it saves), so a
+    worker must keep delivering batches, not die and take the rank down with it."""
+    import os
+    import signal
+
+    source = BatchSource(Waves(size=256), GlobalBatchStream(256, 32, 0), 0, 1, CPU, 0, LoaderConfig(num_workers=2), 8)
+    before = set(children_of_this_process())
+    source.next_batch(0)
+    workers = set(children_of_this_process()) - before
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGUSR2)
+    for step in range(1, 8):
+        source.next_batch(step)
+    source.close()
