@@ -63,9 +63,11 @@ def check(key: str, node: Any, supplied: int = 0) -> None:
             f"{key} must be a node with a _target_ (the import path of a class or function) and its keyword "
             f"arguments, e.g. {key}._target_=my_project.models.Net; got {node!r}."
         )
-    for name, value in node.items():
-        if isinstance(value, Mapping) and TARGET in value:
-            check(f"{key}.{name}", value)
+    # With _recursive_: false the callable builds its nested nodes itself, perhaps with arguments of its own.
+    if node.get("_recursive_", True):
+        for name, value in node.items():
+            if isinstance(value, Mapping) and TARGET in value:
+                check(f"{key}.{name}", value)
     target = node[TARGET]
     given = {str(k) for k in node if k not in HYDRA_KEYS}
     supplied += len(node.get("_args_") or ())
@@ -108,7 +110,7 @@ def _signature_from_import(key: str, target: str) -> Signature:
             obj = importlib.import_module(module_name)
             break
         except ModuleNotFoundError as err:
-            if err.name is None or not module_name.startswith(err.name):
+            if err.name is None or not (module_name == err.name or module_name.startswith(f"{err.name}.")):
                 raise ConfigError(f"{key}._target_={target}: importing it failed: {err!r}. Fix that module.") from err
             # `module.Class.method`: one more part belongs to the attribute path.
             module_name, _, outer = module_name.rpartition(".")

@@ -173,14 +173,14 @@ def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_components(cfg: TrainJobConfig) -> None:
+    for old, hint in RENAMED.items():
+        section, _, name = old.partition(".")
+        if name in (getattr(cfg, section) or {}):
+            raise ConfigError(f"{old} is gone: {hint}.")
     for key, supplied in SUPPLIED_ARGUMENTS.items():
         node = getattr(cfg, key)
         if node is None:  # only the schedule may be absent: a constant learning rate
             continue
-        for old, hint in RENAMED.items():
-            section, _, name = old.partition(".")
-            if section == key and name in node:
-                raise ConfigError(f"{old} is gone: {hint}.")
         components.check(key, node, supplied)
     data = cfg.data
     if not isinstance(data, dict) or "train" not in data:
@@ -317,7 +317,7 @@ class PreemptConfig:
     # SIGTERM (preemption, scancel, requeue) is always handled too.
     signal: str = "USR2"
     # How long before the time limit Slurm sends it. Slurm checks every 30 s, so it may come up to a minute early.
-    # 0 sends no warning at all: the run then stops on its own clock (the time limit minus a save's time).
+    # 0 sends no warning at all: the run then stops on its own clock alone (deadline_margin_s below).
     signal_lead_s: int = 120
     # Requeue the job after saving, so it resumes by itself; false just saves and exits.
     requeue: bool = True

@@ -143,7 +143,8 @@ def test_a_rank_that_stops_answering_fails_the_job_after_the_timeout(launcher, t
 @pytest.mark.mpi
 def test_a_users_model_dataset_and_task_train_the_same_on_four_ranks_as_on_one(tmp_path):
     """Model, Dataset (dict samples, built in __getitem__) and task from tests/user_code.py, configs from
-    tests/user_conf via --config-dir: 4 ranks end where 1 process on the global batch does."""
+    tests/user_conf on Hydra's search path: 4 ranks end where 1 process on the global batch does, and log
+    the task's step metric."""
     from user_code import USE
 
     def run(out, ranks):

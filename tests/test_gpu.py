@@ -34,11 +34,11 @@ def test_auto_backend_trains_on_the_gpu_with_nccl(gpu_ctx, tmp_path):
     assert gpu_ctx.backend == "nccl" and dist.get_backend() == "nccl"
     assert gpu_ctx.device == torch.device("cuda", 0)
     trainer = Trainer(config(tmp_path, steps=200), gpu_ctx)
-    assert trainer.data.x_train.is_cuda  # the digits fit: batches are gathered on the device
+    assert trainer.train_data.tensors[0].is_cuda  # the digits fit: batches are gathered on the device
     assert all(p.is_cuda for p in trainer.model.parameters())
     result = trainer.fit().result
     assert result.backend == "nccl"
-    assert result.test_accuracy > 0.9
+    assert result.metrics["test_accuracy"] > 0.9
 
 
 def test_the_flat_path_reduces_its_gpu_buffer_with_nccl(gpu_ctx, tmp_path):
@@ -50,7 +50,7 @@ def test_the_flat_path_reduces_its_gpu_buffer_with_nccl(gpu_ctx, tmp_path):
     trainer = Trainer(cfg, gpu_ctx)
     assert isinstance(trainer.sync, FlatGradientSync) and trainer.sync.selector.requested == "torch"
     assert trainer.sync.flat_grad.is_cuda and trainer.sync.host is trainer.sync.flat_grad
-    assert trainer.fit().result.test_accuracy > 0.9
+    assert trainer.fit().result.metrics["test_accuracy"] > 0.9
 
 
 def test_interrupted_gpu_runs_resume_bitwise(gpu_ctx, tmp_path):
@@ -81,7 +81,7 @@ def test_mpi_gradient_path_on_the_gpu(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = read_result(tmp_path)
     assert (result["backend"], result["grad_sync"]) == ("nccl", "flat")
-    assert result["test_accuracy"] > 0.85
+    assert result["metrics"]["test_accuracy"] > 0.85
 
 
 @pytest.mark.mpi

@@ -1,6 +1,7 @@
 """Batches through a DataLoader follow the same global batch stream as in-memory tensors: the same samples,
 with the same augmentation, at any world size, with any number of workers, and after a resume."""
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -57,11 +58,13 @@ def test_peek_reads_what_the_loader_delivers_and_reading_never_moves_the_callers
     source = BatchSource(data, stream, 0, 1, CPU, 0, LoaderConfig(num_workers=2), STEPS)
     torch.manual_seed(5)
     np.random.seed(5)
+    random.seed(5)
     peeked = source.peek(0)
-    after_torch, after_numpy = torch.rand(1), np.random.rand()
+    after = torch.rand(1), np.random.rand(), random.random()
     torch.manual_seed(5)
     np.random.seed(5)
-    assert torch.equal(torch.rand(1), after_torch) and np.random.rand() == after_numpy
+    random.seed(5)
+    assert torch.equal(torch.rand(1), after[0]) and (np.random.rand(), random.random()) == after[1:]
     assert_same([source.next_batch(0)], [peeked])
 
 

@@ -251,3 +251,15 @@ def test_a_users_task_state_and_model_resume_exactly(ctx, tmp_path):
     # The task's own state came back from the checkpoint: it counted every sample exactly once.
     assert resumed.task.samples_seen == reference.task.samples_seen == 30 * 32
     assert final.metrics == expected.metrics and set(final.metrics) == {"val_mse"}
+
+
+def test_an_evaluation_that_fails_loses_no_training(ctx, tmp_path):
+    """The final state is saved before the task evaluates: a crash in evaluate() costs a rerun that resumes
+    at the last step and only evaluates."""
+    failing = user_config(tmp_path)
+    failing.task["evaluate_fails"] = True
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        Trainer(failing, ctx).fit()
+    assert (tmp_path / "checkpoints" / "step-30").is_dir()
+    final = Trainer(user_config(tmp_path), ctx).fit().result
+    assert final.resumed_from_step == 30 and set(final.metrics) == {"val_mse"}

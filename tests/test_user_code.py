@@ -96,3 +96,13 @@ def test_a_resumed_ddp_run_with_dropout_and_task_state_ends_where_the_uninterrup
     assert resumed["task"] == whole["task"] == {"samples_seen": 30 * 32}
     for name, tensor in whole["model"].items():
         assert torch.equal(resumed["model"][name], tensor), name
+
+
+@pytest.mark.mpi
+def test_step_metrics_named_differently_on_different_ranks_fail_the_job_instead_of_hanging(tmp_path):
+    """Averaging metrics over ranks is a collective per logged step: ranks with different names would
+    average different things, or wait on each other. Every rank refuses it at the first logged step."""
+    started = time.monotonic()
+    done = run(tmp_path, "+task.metric_per_rank=true", "train.steps=20")
+    assert done.returncode != 0 and time.monotonic() - started < 90
+    assert "returned different metric names on different ranks (rank 0: ['mae', 'mae_rank0'], rank 1:" in done.stderr

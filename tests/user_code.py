@@ -62,17 +62,24 @@ class Regression:
     """Mean squared error, a step metric (mean absolute error) and evaluation metrics of its own; it counts
     the samples it trained on, as state that must survive a resume."""
 
-    def __init__(self, weight: float = 1.0):
+    def __init__(self, weight: float = 1.0, metric_per_rank: bool = False, evaluate_fails: bool = False):
         self.weight = weight
         self.samples_seen = 0
+        # Faults a user's task can have: a metric named after the rank, an evaluation that raises.
+        self.metric_per_rank, self.evaluate_fails = metric_per_rank, evaluate_fails
 
     def training_step(self, model, batch):
         prediction = model(batch["signal"])
         self.samples_seen += len(prediction)
         error = prediction - batch["target"]
-        return self.weight * (error**2).mean(), {"mae": error.abs().mean()}
+        metrics = {"mae": error.abs().mean()}
+        if self.metric_per_rank:
+            metrics[f"mae_rank{torch.distributed.get_rank()}"] = metrics["mae"]
+        return self.weight * (error**2).mean(), metrics
 
     def evaluate(self, model, batches) -> dict[str, float]:
+        if self.evaluate_fails:
+            raise RuntimeError("evaluation crashed")
         total = count = 0.0
         for batch in batches:
             total += float(((model(batch["signal"]) - batch["target"]) ** 2).sum())

@@ -8,7 +8,7 @@ see exactly the samples one process would, and a resume (at any world size) only
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -91,20 +91,23 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def gather(dataset: Any, indices: np.ndarray) -> Any:
+def gather(dataset: Any, indices: np.ndarray, collate: Callable[[list[Any]], Any] | None = None) -> Any:
     """The samples at `indices`, collated into one batch. In-memory tensors (a TensorDataset) are indexed
-    all at once, the fast path; any other Dataset collates its samples with torch's default_collate."""
-    if isinstance(dataset, TensorDataset):
+    all at once, the fast path; any other Dataset (or any with a collate function of its own) collates its
+    samples, with torch's default_collate unless `collate` is given."""
+    if isinstance(dataset, TensorDataset) and collate is None:
         idx = torch.from_numpy(indices).to(dataset.tensors[0].device, non_blocking=True)  # no-op for host data
         return tuple(t[idx] for t in dataset.tensors)
-    return default_collate([dataset[int(i)] for i in indices])
+    return (collate or default_collate)([dataset[int(i)] for i in indices])
 
 
-def eval_batches(dataset: Any, batch_size: int, device: torch.device) -> Iterator[Any]:
-    """The whole eval dataset, in order, in batches of `batch_size`, on `device`."""
+def eval_batches(
+    dataset: Any, batch_size: int, device: torch.device, collate: Callable[[list[Any]], Any] | None = None
+) -> Iterator[Any]:
+    """The whole eval dataset, in order, in batches of `batch_size`, on `device` (collated as training's are)."""
     size = len(dataset)
     for start in range(0, size, batch_size):
-        yield to_device(gather(dataset, np.arange(start, min(start + batch_size, size))), device)
+        yield to_device(gather(dataset, np.arange(start, min(start + batch_size, size)), collate), device)
 
 
 def on_device(dataset: Any, device: torch.device) -> Any:

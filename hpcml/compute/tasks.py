@@ -5,9 +5,10 @@ A task is any object with these two methods (a `_target_` in the config, `task=.
     training_step(model, batch) -> loss                  # a scalar tensor, or (loss, {name: scalar tensor})
     evaluate(model, batches) -> {name: float}            # on the eval dataset, model in eval mode, no grad
 
-`batch` is what the train dataset's samples collate to (a tuple (x, y) for a TensorDataset), already on the
-rank's device; `model` is the data-parallel wrapper (call it, do not reach inside). The metrics a step
-returns are averaged over ranks and logged with the loss; the dict `evaluate` returns goes into
+`batch` is what the train dataset's samples collate to ((x, y) for a TensorDataset: a tuple when indexed
+directly, a list through torch's default_collate), already on the rank's device; `model` is the
+data-parallel wrapper (call it, do not reach inside). The metrics a step returns (the same names on every
+rank and step) are averaged over ranks and logged with the loss; the dict `evaluate` returns goes into
 `metrics.jsonl` and `result.json`, where `launch.objective` and `hpcml report --metric` read it. A task
 with state of its own (a running statistic, a curriculum) also defines `state_dict()` and
 `load_state_dict(state)`, and it is checkpointed with the model. Classification is the default.
@@ -46,15 +47,15 @@ class Classification:
 
     def evaluate(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         correct = seen = 0
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = 0.0
         for inputs, labels in batches:
             logits = model(inputs)
             correct += int((logits.argmax(dim=1) == labels).sum())
-            loss_sum += float(self.loss(logits, labels)) * len(labels)
+            loss_sum += float(self.loss(logits, labels)) * len(labels)  # the loss is a mean over the batch
             seen += len(labels)
         if not seen:
             raise ValueError("the eval dataset is empty: give data.eval a dataset with samples, or set data.eval=null.")
-        return {"test_accuracy": correct / seen, "test_loss": float(loss_sum) / seen}
+        return {"test_accuracy": correct / seen, "test_loss": loss_sum / seen}
 
 
 def split_step_output(output: Any, where: str) -> tuple[torch.Tensor, Metrics]:

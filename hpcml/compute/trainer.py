@@ -8,12 +8,14 @@ import hashlib
 import json
 import logging
 import os
+import random
 import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -122,14 +124,17 @@ def build_task(cfg: TrainJobConfig) -> Task:
 
 
 def build_datasets(cfg: TrainJobConfig, device: torch.device) -> tuple[Any, Any | None]:
-    """The train and (optional) eval datasets, in-memory ones moved to the GPU when they fit."""
+    """The train and (optional) eval datasets. In-memory ones move to the GPU when they fit, unless
+    DataLoader workers read them: a forked worker cannot touch CUDA tensors."""
+    in_rank = cfg.loader.num_workers == 0 and cfg.loader.collate_fn is None
     train = components.build("data.train", cfg.data["train"])
     check_map_style(train, "data.train")
     evaluation = None
     if cfg.data.get("eval") is not None:
         evaluation = components.build("data.eval", cfg.data["eval"])
         check_map_style(evaluation, "data.eval")
-    return on_device(train, device), (on_device(evaluation, device) if evaluation is not None else None)
+        evaluation = on_device(evaluation, device)
+    return (on_device(train, device) if in_rank else train), evaluation
 
 
 class Trainer:
@@ -141,10 +146,16 @@ class Trainer:
         self.checkpoint_dir = (
             Path(cfg.checkpoint.dir).resolve() if cfg.checkpoint.dir else self.output_dir / "checkpoints"
         )
+        # Every random stream seeded alike on every rank before any user code runs: a Dataset or task that
+        # draws from numpy or `random` while it is built must not differ between ranks or submissions.
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)
         self.task = build_task(cfg)
         self.train_data, self.eval_data = build_datasets(cfg, ctx.device)
         self.stream = GlobalBatchStream(len(self.train_data), cfg.train.global_batch_size, cfg.train.seed)
         collate = components.build("loader.collate_fn", cfg.loader.collate_fn) if cfg.loader.collate_fn else None
+        self.collate = collate
         self.batches = BatchSource(
             self.train_data,
             self.stream,
@@ -171,6 +182,7 @@ class Trainer:
         if hasattr(self.task, "state_dict") and hasattr(self.task, "load_state_dict"):
             self.stateful["task"] = self.task
         self.loss_watch = NonFiniteLossWatch(ctx)
+        self._metric_names: list[str] | None = None
         self.writer = (
             ckpt.CheckpointWriter(self.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
             if ctx.is_main
@@ -364,6 +376,42 @@ class Trainer:
             return BoundaryDecision(StopReason.NONE, save_due)
         return self.stop.agree(self._save_estimate_s, self._step_estimate_s, save_due)
 
+    def averaged_step_metrics(self, loss: torch.Tensor, step_metrics: Any) -> dict[str, float]:
+        """The loss and the task's step metrics, averaged over ranks in one all-reduce. Their names must be the
+        same on every rank, or the ranks would average different things (or wait on each other for ever):
+        compared across ranks the first time, and against the first time's on each rank after that (a rank
+        that raises alone ends the whole job)."""
+        names = sorted(step_metrics)
+        task = type(self.task).__name__
+        if self._metric_names is None:
+            everyone = [names]
+            if self.ctx.world_size > 1:
+                everyone = [None] * self.ctx.world_size
+                dist.all_gather_object(everyone, names)
+            if any(other != everyone[0] for other in everyone):
+                raise ConfigError(
+                    f"{task}.training_step returned different metric names on different ranks "
+                    f"({', '.join(f'rank {r}: {n}' for r, n in enumerate(everyone))}); return the same names on "
+                    "every rank (a per-rank value under one name is averaged)."
+                )
+            self._metric_names = everyone[0]
+        if names != self._metric_names:
+            raise ConfigError(
+                f"{task}.training_step returned metrics {names} at step {self.step} on rank {self.ctx.rank}, but "
+                f"{self._metric_names} at the first logged step; return the same names at every step."
+            )
+        values = [loss.detach().to(torch.float32).reshape(())]
+        for name in names:
+            value = as_tensor(step_metrics[name], loss.device)
+            if value.numel() != 1:
+                raise TypeError(f"{task}.training_step: metric {name!r} has {value.numel()} values; give one number.")
+            values.append(value.reshape(()))
+        values = torch.stack(values)
+        if self.ctx.world_size > 1:
+            dist.all_reduce(values)
+            values /= self.ctx.world_size
+        return dict(zip(["loss", *names], values.tolist(), strict=True))
+
     def global_mean(self, value: torch.Tensor) -> float:
         if self.ctx.world_size > 1:
             value = value.clone()
@@ -378,14 +426,17 @@ class Trainer:
             return {}
         self.model.eval()
         try:
-            found = self.task.evaluate(
-                self.model, eval_batches(self.eval_data, self.cfg.train.eval_batch_size, self.ctx.device)
-            )
+            batches = eval_batches(self.eval_data, self.cfg.train.eval_batch_size, self.ctx.device, self.collate)
+            found = self.task.evaluate(self.model, batches)
         finally:
             self.model.train()
-        if not isinstance(found, dict) or not all(isinstance(v, (int, float)) for v in found.values()):
-            raise TypeError(f"{type(self.task).__name__}.evaluate must return a dict of floats; got {found!r}.")
-        return {str(k): float(v) for k, v in found.items()}
+        try:
+            # Numbers of any kind: floats, numpy scalars, one-element tensors.
+            return {str(k): float(v) for k, v in found.items()}
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"{type(self.task).__name__}.evaluate must return a dict of numbers; got {found!r}."
+            ) from None
 
     def fit(self) -> TrainingOutcome:
         cfg = self.cfg.train
@@ -412,11 +463,7 @@ class Trainer:
                     metrics.write(
                         self.step,
                         {
-                            "loss": self.global_mean(loss),
-                            **{
-                                name: self.global_mean(as_tensor(step_metrics[name], self.ctx.device))
-                                for name in sorted(step_metrics)
-                            },
+                            **self.averaged_step_metrics(loss, step_metrics),
                             "samples_per_s": window_steps * cfg.global_batch_size / max(elapsed, 1e-9),
                             "epoch": self.stream.samples_consumed(self.step) / self.stream.num_samples,
                             "lr": self.scheduler.get_last_lr()[0],
@@ -435,11 +482,13 @@ class Trainer:
                 if decision.save and self.step < cfg.steps:
                     self.save()
             elapsed = time.perf_counter() - start
+            if self.resumed_from != self.step:
+                # The final state, saved before evaluating: a finished run that is requeued does not retrain,
+                # and an evaluate() that fails loses nothing (a rerun resumes at the end and evaluates again).
+                self.save(wait=True)
             evaluated = self.evaluate()
             if evaluated:
                 metrics.write(self.step, evaluated)
-            if self.resumed_from != self.step:
-                self.save(wait=True)  # the final state: a finished run that is requeued does not retrain
         finally:
             metrics.close()
             self.batches.close()

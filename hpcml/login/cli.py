@@ -3,7 +3,7 @@
 hpcml status outputs/sweeps/<time> [--watch]     one row per trial: state, restarts, start-up retries,
                                                  step, metrics (--watch: refreshed until every trial has
                                                  ended); a single run's outputs/runs/<time> works too
-hpcml report outputs/sweeps/<time> [--metric NAME --mode max]   NAME: the sweep's launch.objective by default
+hpcml report outputs/sweeps/<time> --mode max|min [--metric NAME]   NAME: the sweep's launch.objective by default
 hpcml resume outputs/sweeps/<time>               resubmit only trials that failed or never finished
 """
 
@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a metric the trials logged (metrics.jsonl); default: the sweep's launch.objective",
     )
-    report.add_argument("--mode", choices=("max", "min"), default="max")
+    # No default: whether more is better depends on the metric (accuracy, or a loss), and a wrong guess would
+    # name the worst trial the best.
+    report.add_argument("--mode", choices=("max", "min"), required=True, help="max: higher is better; min: lower")
     report.set_defaults(run=cmd_report)
     resume = verbs.add_parser("resume", help="resubmit trials that failed or never finished")
     resume.add_argument("sweep_dir", type=Path)
