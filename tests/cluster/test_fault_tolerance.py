@@ -152,8 +152,9 @@ def test_time_limit_with_no_warning_signal_saves_on_its_own_clock_and_requeues(r
     proc = submit(
         out,
         "train.steps=300",
-        # About 36 s of work: more than one attempt can do before its deadline, in every case.
-        "fault.step_sleep_s=0.1",
+        # 60 s of sleep alone: more than a 1-minute attempt can do, however fast it starts (with 0.1 s a
+        # quick start once finished inside the first attempt's deadline).
+        "fault.step_sleep_s=0.2",
         "cluster.time_min=1",
         "preempt.signal_lead_s=0",
         "preempt.deadline_margin_s=5",
@@ -267,23 +268,6 @@ def term_the_batch_shell(job: str, how: str) -> None:
     subprocess.run(["scancel", "--signal=TERM", *BATCH_SHELL_TERMS[how], job], check=True)
 
 
-def test_term_to_the_batch_shell_mid_training_is_survived_on_the_srun_path(reference_sha):
-    """`--full`: the shell's whole process group gets the TERM (srun too, were it not in its own session)."""
-    how = "full"
-    out = new_out(f"shell-{how}")
-    proc = submit(out, *SLOW)
-    job = job_id_of(out)
-    wait_for_step(out, 80)
-    term_the_batch_shell(job, how)
-    finish(proc)
-    result = read_result(out)
-    assert result["params_sha256"] == reference_sha and result["replicas_identical"]
-    assert attempts(job) == ["REQUEUED", "COMPLETED"]
-    log = rank0_log(out, job)
-    assert re.search(r"stopping at step \d+ \(signal\): saving a checkpoint", log)
-    assert_nothing_lost(log, 300, attempts=2)
-
-
 def wait_until_ranks_started(job: str, out, ranks: int = 4, timeout: float = 60) -> None:
     """Until every rank's Python runs (submitit logs "Loading pickle"): it then imports torch for seconds."""
     deadline = time.monotonic() + timeout
@@ -293,21 +277,30 @@ def wait_until_ranks_started(job: str, out, ranks: int = 4, timeout: float = 60)
         time.sleep(0.05)
 
 
-def test_term_to_the_batch_shell_during_start_up_is_survived_on_the_srun_path(reference_sha):
-    """`--batch` (the shell alone) while the ranks are still importing, before they formed their world."""
-    out = new_out("shell-startup")
+def test_term_to_the_batch_shell_at_start_up_and_mid_training_is_survived_on_the_srun_path(reference_sha):
+    """Two TERMs to one run's batch shell: `--batch` (the shell alone) while the ranks are still importing,
+    before they formed their world; then, once the restart has resumed, `--full` (the shell's whole
+    process group: srun too, were it not in its own session) in the middle of training."""
+    out = new_out("shell-srun")
     proc = submit(out, *SLOW)
     job = job_id_of(out)
     wait_until_ranks_started(job, out)
     term_the_batch_shell(job, "batch")
     assert not (out / "slurm_job.json").exists()  # rank 0 writes it once the world has formed
+    deadline = time.monotonic() + 120
+    while not (out / "slurm" / f"{job}_0_log.err").exists() or rank0_log(out, job).count("resumed from") < 1:
+        assert time.monotonic() < deadline, attempts(job)
+        time.sleep(0.5)
+    wait_for_step(out, 150)
+    term_the_batch_shell(job, "full")
     finish(proc)
     result = read_result(out)
     assert result["params_sha256"] == reference_sha and result["replicas_identical"]
-    assert attempts(job) == ["REQUEUED", "COMPLETED"]
+    assert attempts(job) == ["REQUEUED", "REQUEUED", "COMPLETED"], attempts(job)
     log = rank0_log(out, job)
     assert "stopping at step 1 (signal): saving a checkpoint" in log
-    assert_nothing_lost(log, 300, attempts=2)
+    assert len(re.findall(r"stopping at step \d+ \(signal\): saving a checkpoint", log)) == 2
+    assert_nothing_lost(log, 300, attempts=3)
 
 
 @pytest.mark.parametrize("when", ["mid-training", "start-up"])
