@@ -10,7 +10,6 @@ is reported as the step against the same step minus its time waiting for batches
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -26,8 +25,6 @@ from torch.utils.data import DataLoader, Dataset
 from hpcml.bench import training
 from hpcml.bench.launch import Layout, run_worker
 from hpcml.bench.record import BenchResult, Figure
-from hpcml.compute.dist import setup_distributed, teardown_distributed
-from hpcml.compute.env import detect_environment
 from hpcml.compute.loader import RankBatchSampler
 from hpcml.compute.preempt import PreemptionGuard
 from hpcml.compute.runtime import stop_coordinator
@@ -132,13 +129,8 @@ def measure(v: Variant, ctx, budget_s: float, rounds: int, workdir: Path) -> dic
     }
 
 
-def worker(out: Path, variants: list[Variant], budget_s: float, rounds: int) -> None:
-    ctx = setup_distributed(detect_environment(), "gloo", timeout_s=600)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    rows = [measure(v, ctx, budget_s, rounds, out.parent) for v in variants]
-    teardown_distributed()
-    if ctx.is_main:
-        out.write_text(json.dumps(rows))
+def measure_all(variants: list[Variant], ctx, budget_s: float, rounds: int, workdir: Path) -> list[dict]:
+    return [measure(v, ctx, budget_s, rounds, workdir) for v in variants]
 
 
 def figures_for(rows: list[dict]) -> list[Figure]:
@@ -191,16 +183,5 @@ def run(quick: bool, workdir: Path) -> BenchResult:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", action="store_true", required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--variants", type=str, required=True)
-    parser.add_argument("--budget-s", type=float, default=1.0)
-    parser.add_argument("--rounds", type=int, default=5)
-    a = parser.parse_args()
-    worker(a.out, [Variant(**v) for v in json.loads(a.variants)], a.budget_s, a.rounds)
-
-
 if __name__ == "__main__":
-    main()
+    training.variants_worker(Variant, measure_all, __doc__.splitlines()[0])

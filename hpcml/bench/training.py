@@ -188,13 +188,24 @@ def measure(variants: list[Variant], ctx, budget_s: float, rounds: int, workdir:
     return [row_for(v, t, ctx, r) for v, t, r in zip(variants, trainers, rounds_s, strict=True)]
 
 
-def worker(out: Path, variants: list[Variant], budget_s: float, rounds: int) -> None:
+def variants_worker(variant_type: type, measure_all: Callable[..., list[dict]], description: str) -> None:
+    """`python -m <benchmark> --worker --out F --variants JSON --budget-s S --rounds N` on every rank: the
+    variants measured by `measure_all(variants, ctx, budget_s, rounds, workdir)`, rank 0's rows to F (the
+    training and seam benchmarks)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--worker", action="store_true", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--variants", type=str, required=True)
+    parser.add_argument("--budget-s", type=float, required=True)
+    parser.add_argument("--rounds", type=int, required=True)
+    a = parser.parse_args()
     ctx = setup_distributed(detect_environment(), "gloo", timeout_s=600)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    rows = measure(variants, ctx, budget_s, rounds, out.parent)
+    variants = [variant_type(**v) for v in json.loads(a.variants)]
+    rows = measure_all(variants, ctx, a.budget_s, a.rounds, a.out.parent)
     teardown_distributed()
     if ctx.is_main:
-        out.write_text(json.dumps(rows))
+        a.out.write_text(json.dumps(rows))
 
 
 def plan(quick: bool) -> dict[int, list[Variant]]:
@@ -286,16 +297,5 @@ def run(quick: bool, workdir: Path) -> BenchResult:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", action="store_true", required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--variants", type=str, required=True)
-    parser.add_argument("--budget-s", type=float, default=0.5)
-    parser.add_argument("--rounds", type=int, default=3)
-    a = parser.parse_args()
-    worker(a.out, [Variant(**v) for v in json.loads(a.variants)], a.budget_s, a.rounds)
-
-
 if __name__ == "__main__":
-    main()
+    variants_worker(Variant, measure, __doc__.splitlines()[0])
