@@ -55,9 +55,10 @@ class Signature:
         return found
 
 
-def check(key: str, node: Any, supplied: int = 0) -> None:
+def check(key: str, node: Any, supplied: int = 0, signature: bool = True) -> None:
     """Refuse a `_target_` node at `key` that cannot be built; `supplied` positional arguments come from hpcml
-    (an optimizer's parameters, a schedule's optimizer). Nested `_target_` nodes are checked too."""
+    (an optimizer's parameters, a schedule's optimizer). Nested `_target_` nodes are checked too. With
+    `signature` false (launch.check_components=false), only that it is a `_target_` node."""
     if not isinstance(node, Mapping) or not isinstance(node.get(TARGET), str) or not node[TARGET]:
         raise ConfigError(
             f"{key} must be a node with a _target_ (the import path of a class or function) and its keyword "
@@ -67,7 +68,9 @@ def check(key: str, node: Any, supplied: int = 0) -> None:
     if node.get("_recursive_", True):
         for name, value in node.items():
             if isinstance(value, Mapping) and TARGET in value:
-                check(f"{key}.{name}", value)
+                check(f"{key}.{name}", value, signature=signature)
+    if not signature:
+        return
     target = node[TARGET]
     given = {str(k) for k in node if k not in HYDRA_KEYS}
     supplied += len(node.get("_args_") or ())

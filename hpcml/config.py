@@ -125,6 +125,10 @@ class LaunchConfig:
     # The result.json value each run hands back to Hydra: what an optimizing sweeper (Optuna) optimizes
     # (its direction is the sweeper's own setting). A sweep that needs it waits for its trials.
     objective: str = "test_accuracy"
+    # Check every `_target_` against its callable's signature before submitting (hpcml/components.py). false:
+    # only that each is a `_target_` node, for a module that imports on the compute nodes alone (a CUDA-only
+    # extension); a bad argument then fails the job when the ranks build it, with the same message.
+    check_components: bool = True
 
     def __post_init__(self) -> None:
         _require(self.poll_s > 0, f"launch.poll_s={self.poll_s} must be positive.")
@@ -181,7 +185,7 @@ def _check_components(cfg: TrainJobConfig) -> None:
         node = getattr(cfg, key)
         if node is None:  # only the schedule may be absent: a constant learning rate
             continue
-        components.check(key, node, supplied)
+        components.check(key, node, supplied, signature=cfg.launch.check_components)
     data = cfg.data
     if not isinstance(data, dict) or "train" not in data:
         raise ConfigError(
@@ -192,7 +196,7 @@ def _check_components(cfg: TrainJobConfig) -> None:
         node = data.get(name)
         if node is None:
             continue
-        components.check(f"data.{name}", node)
+        components.check(f"data.{name}", node, signature=cfg.launch.check_components)
         # The built-in file reader's file is checked here, where a missing one costs no queue wait.
         if node[components.TARGET] == "hpcml.compute.datasets.npz":
             _require(

@@ -68,6 +68,23 @@ def test_a_node_that_cannot_be_built_is_refused_naming_key_reason_and_fix(projec
     assert str(refused.value).startswith(f"model._target_={node['_target_']}") and message in str(refused.value)
 
 
+def test_launch_check_components_false_skips_the_import_a_login_node_cannot_do(project):
+    """A module that raises on import here (no GPU driver) passes with the check off; the node shape is still
+    checked, and a config built with the check on refuses it."""
+    from hpcml.config import TrainJobConfig, to_plain_dict, validate
+
+    broken = {"_target_": "myproj.broken.Net", "channels": 3}
+    components.check("model", broken, signature=False)
+    with pytest.raises(ConfigError, match="needs a _target_|must be a node with a _target_"):
+        components.check("model", {"channels": 3, "_target_": ""}, signature=False)
+    plain = to_plain_dict(TrainJobConfig())
+    plain["model"] = broken
+    with pytest.raises(ConfigError, match="importing myproj.broken failed"):
+        validate(plain)
+    plain["launch"]["check_components"] = False
+    assert validate(plain).model["_target_"] == "myproj.broken.Net"
+
+
 def test_positional_arguments_hpcml_passes_are_counted():
     components.check("optim", {"_target_": "torch.optim.SGD", "lr": 0.1}, supplied=1)
     with pytest.raises(ConfigError, match="it needs 'params'"):

@@ -92,6 +92,19 @@ def test_status_table_and_rerun_rule(tmp_path, monkeypatch):
     assert [sw.needs_rerun(r, tmp_path / str(r.num)) for r in rows] == [False, True, False]
 
 
+def test_status_shows_an_objective_that_only_result_json_holds(tmp_path, monkeypatch):
+    """launch.objective=final_loss is a figure of the finished run, never a logged metric."""
+    sweep = make_sweep(tmp_path, {0: None, 1: None}, objective="final_loss")
+    (tmp_path / "0" / "result.json").write_text('{"final_loss": 0.125, "metrics": {"test_accuracy": 0.9}}')
+    (tmp_path / "1" / "result.json").write_text("{not json")
+    monkeypatch.setattr(
+        sw.slurm, "array_task_states", lambda ids: {"90_0": ("COMPLETED", "0:10"), "90_1": ("COMPLETED", "0:10")}
+    )
+    rows = sw.sweep_status(sweep)
+    assert rows[0].objective == 0.125 and rows[1].objective is None
+    assert "0.125" in render_status(rows, sweep.objective).splitlines()[1]
+
+
 def test_status_watch_refreshes_until_every_trial_has_ended(tmp_path, monkeypatch, capsys):
     make_sweep(tmp_path, {0: None, 1: None})
     polls = iter(

@@ -236,7 +236,7 @@ def figures_for(m: dict, benchmark: str = "checkpoints", where: str = "") -> lis
 
 
 def run(quick: bool, workdir: Path) -> BenchResult:
-    target, repeats = (64 * MB, 2) if quick else (512 * MB, 3)
+    target, repeats = (32 * MB, 2) if quick else (512 * MB, 3)
     result = BenchResult("checkpoints", quick, {"state_bytes_target": target, "repeats": repeats})
     m = measure(workdir, target, repeats)
     result.measurements.append(m)

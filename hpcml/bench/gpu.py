@@ -33,7 +33,8 @@ from hpcml.bench.launch import BenchmarkSkipped, Layout, run_worker
 from hpcml.bench.record import BenchResult, Figure
 from hpcml.compute.dist import setup_distributed, teardown_distributed
 from hpcml.compute.env import detect_environment
-from hpcml.compute.trainer import Trainer, build_model, build_optimizer
+from hpcml.compute.parts import build_model, build_optimizer
+from hpcml.compute.trainer import Trainer
 from hpcml.compute.transport import iterations_for, mean_time
 
 # Steps per timed block: the CPU may run ahead of the GPU inside a block, as it does in training.

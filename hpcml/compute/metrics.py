@@ -1,4 +1,5 @@
-"""Training metrics for people and programs: JSONL lines, TensorBoard scalars, a progress bar.
+"""Training metrics for people and programs: JSONL lines, TensorBoard scalars, a progress bar; and the
+per-step metrics averaged over ranks that they show.
 
 Only rank 0 writes; other ranks get a writer that does nothing, so call sites need no rank checks.
 """
@@ -12,6 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
+from hpcml.errors import ConfigError
 from hpcml.outputs import METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -61,3 +66,46 @@ class MetricsWriter:
         for closable in (self._progress, self._tensorboard, self._jsonl):
             if closable is not None:
                 closable.close()
+
+
+class StepMetricsAverager:
+    """The loss and a task's step metrics, averaged over ranks in one all-reduce.
+
+    Their names must be the same on every rank, or the ranks would average different things (or wait on each
+    other for ever): compared across ranks the first time, and against the first time's on each rank after
+    that (a rank that raises alone ends the whole job)."""
+
+    def __init__(self, ctx: Any, task_name: str):
+        self.ctx, self.task_name = ctx, task_name
+        self._names: list[str] | None = None
+
+    def average(self, loss: Any, step_metrics: dict[str, Any], step: int) -> dict[str, float]:
+        names, ctx, task = sorted(step_metrics), self.ctx, self.task_name
+        if self._names is None:
+            everyone = [names]
+            if ctx.world_size > 1:
+                everyone = [None] * ctx.world_size
+                dist.all_gather_object(everyone, names)
+            if any(other != everyone[0] for other in everyone):
+                raise ConfigError(
+                    f"{task}.training_step returned different metric names on different ranks "
+                    f"({', '.join(f'rank {r}: {n}' for r, n in enumerate(everyone))}); return the same names on "
+                    "every rank (a per-rank value under one name is averaged)."
+                )
+            self._names = everyone[0]
+        if names != self._names:
+            raise ConfigError(
+                f"{task}.training_step returned metrics {names} at step {step} on rank {ctx.rank}, but "
+                f"{self._names} at the first logged step; return the same names at every step."
+            )
+        values = [loss.detach().to(torch.float32).reshape(())]
+        for name in names:
+            value = torch.as_tensor(step_metrics[name]).detach().to(loss.device, torch.float32)
+            if value.numel() != 1:
+                raise TypeError(f"{task}.training_step: metric {name!r} has {value.numel()} values; give one number.")
+            values.append(value.reshape(()))
+        values = torch.stack(values)
+        if ctx.world_size > 1:
+            dist.all_reduce(values)
+            values /= ctx.world_size
+        return dict(zip(["loss", *names], values.tolist(), strict=True))

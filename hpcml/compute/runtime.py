@@ -12,7 +12,6 @@ import gc
 import json
 import logging
 import os
-import signal
 import sys
 import time
 import traceback
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from hpcml.compute import mpi, slurm_job, step_record
 from hpcml.compute.dist import DistributedContext, broadcast_from_rank0, setup_distributed, teardown_distributed
+from hpcml.compute.drills import crash_if_drilled, install_fault_drills
 from hpcml.compute.env import detect_environment
 from hpcml.compute.preempt import (
     EXIT_FAILED,
@@ -144,14 +144,6 @@ def stop_coordinator(cfg: TrainJobConfig, ctx: DistributedContext, guard: Preemp
     )
 
 
-def crash_if_drilled(cfg: TrainJobConfig, rank: int) -> None:
-    """fault.crash_at_start_launches: die as an MPI start-up crash does, before joining the world."""
-    if rank == cfg.fault.rank and step_record.startup_retries() < cfg.fault.crash_at_start_launches:
-        sys.stderr.write(f"[rank {rank}] fault.crash_at_start_launches: crashing before the world forms\n")
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGSEGV)
-
-
 def run_training(cfg: TrainJobConfig) -> int:
     env = detect_environment()
     rank = env.placement().rank
@@ -160,7 +152,7 @@ def run_training(cfg: TrainJobConfig) -> int:
     guard = PreemptionGuard([parse_signal(cfg.preempt.signal), parse_signal("TERM")])
     try:
         with guard:
-            crash_if_drilled(cfg, rank)
+            crash_if_drilled(cfg.fault, rank)
             ctx = setup_distributed(env, cfg.train.backend, cfg.train.dist_timeout_s)
             log.info(
                 "rank %d/%d on node %d/%d (local rank %d), launcher=%s backend=%s device=%s",
@@ -176,7 +168,10 @@ def run_training(cfg: TrainJobConfig) -> int:
             if ctx.is_main:
                 step_record.mark_formed()  # from here on a failure is the job's own, not start-up's
                 record_job(Path(cfg.train.output_dir))
-            outcome = Trainer(cfg, ctx, stop_coordinator(cfg, ctx, guard)).fit()
+            trainer = Trainer(cfg, ctx, stop_coordinator(cfg, ctx, guard))
+            install_fault_drills(trainer, cfg.fault)
+            outcome = trainer.fit()
+            del trainer  # see gc.collect() below
             if outcome.stopped is StopReason.NONE:
                 code = EXIT_OK
             else:

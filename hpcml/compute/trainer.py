@@ -1,67 +1,58 @@
 """The training loop: each rank trains on its slice of the global batch, gradients are averaged, and
-every step boundary is a place where the ranks can agree to save or stop."""
+every step boundary is a place where the ranks can agree to save or stop.
+
+The loop chooses nothing: the task, data, model, optimizer and schedule come built from the config
+(parts.py), a checkpoint holds whatever is in `stateful`, and deliberate faults hook in from outside
+(drills.py) through `after_step` and `before_save`.
+"""
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
-import os
-import random
 import signal
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from hpcml import components
 from hpcml.compute import checkpoint as ckpt
-from hpcml.compute import slurm_job
-from hpcml.compute.data import GlobalBatchStream, check_map_style, eval_batches, on_device
+from hpcml.compute.data import GlobalBatchStream, eval_batches
 from hpcml.compute.dist import DistributedContext, broadcast_from_rank0
 from hpcml.compute.gradsync import make_gradient_sync
 from hpcml.compute.loader import BatchSource
 from hpcml.compute.loss_watch import NonFiniteLossWatch
-from hpcml.compute.metrics import MetricsWriter
+from hpcml.compute.metrics import MetricsWriter, StepMetricsAverager
+from hpcml.compute.parts import RunParts, build_optimizer, build_parts, build_scheduler
 from hpcml.compute.preempt import BoundaryDecision, StopCoordinator, StopReason
-from hpcml.compute.tasks import Task, split_step_output
+from hpcml.compute.run_result import TrainingResult, parameters_checksum, write_result
+from hpcml.compute.tasks import split_step_output
 from hpcml.config import TrainJobConfig
-from hpcml.errors import ConfigError, DataError, ReplicasDivergedError
-from hpcml.fileio import write_atomically
-from hpcml.outputs import MODEL_FILE, RESULT_FILE
+from hpcml.errors import ConfigError, DataError
 from hpcml.signal_names import parse_signal
+
+__all__ = ["Trainer", "TrainingOutcome", "TrainingResult", "parameters_checksum"]
 
 log = logging.getLogger(__name__)
 
 # Until a save has been timed, the deadline check assumes one takes this long.
 INITIAL_SAVE_ESTIMATE_S = 5.0
 
+Hook = Callable[["Trainer"], None]
+
 
 @dataclass
-class TrainingResult:
-    steps: int
-    final_loss: float
-    # What the task's evaluate() returned (classification: test_accuracy, test_loss); {} without data.eval.
-    metrics: dict[str, float]
-    params_sha256: str
-    world_size: int
-    num_nodes: int
-    backend: str
-    grad_sync: str
-    launcher: str
-    samples_per_s: float
-    elapsed_s: float
-    output_dir: str
-    resumed_from_step: int | None
-    # The all-reduce transport per buffer size (bytes -> torch|mpi) when hpcml chose it (auto); else None.
-    transport_plan: dict[str, str] | None = None
+class TrainedSteps:
+    """How the loop ended: stopped early (and saved) for a reason, or NONE; the last step's loss."""
+
+    stopped: StopReason
+    last_loss: torch.Tensor
     # Unix time at which this process finished its first training step (start-up and resume benchmarks).
-    first_step_at: float | None = None
+    first_step_at: float | None
 
 
 @dataclass(frozen=True)
@@ -73,72 +64,14 @@ class TrainingOutcome:
     step: int
 
 
-def parameters_checksum(model: torch.nn.Module) -> str:
-    """SHA-256 of every parameter's bytes in order: equal on all ranks iff the replicas are identical."""
-    digest = hashlib.sha256()
-    for p in model.parameters():
-        digest.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def as_tensor(value: Any, device: torch.device) -> torch.Tensor:
-    """A step metric (a tensor or a number) as a float32 tensor on `device`, ready to average over ranks."""
-    return torch.as_tensor(value).detach().to(device, torch.float32)
-
-
-def build_model(cfg: TrainJobConfig, device: torch.device) -> torch.nn.Module:
-    # Same seed on every rank: identical initial weights even before DDP's broadcast.
-    torch.manual_seed(cfg.train.seed)
-    model = components.build("model", cfg.model)
-    if not isinstance(model, torch.nn.Module):
-        raise ConfigError(
-            f"model._target_={cfg.model['_target_']} returned a {type(model).__name__}, not an nn.Module."
-        )
-    return model.to(device)
-
-
-def build_optimizer(cfg: TrainJobConfig, params) -> torch.optim.Optimizer:
-    optimizer = components.build("optim", cfg.optim, params)
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise ConfigError(
-            f"optim._target_={cfg.optim['_target_']} returned a {type(optimizer).__name__}, not a torch Optimizer."
-        )
-    return optimizer
-
-
-def build_scheduler(cfg: TrainJobConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """The config's schedule, stepped once per training step; none: a constant learning rate."""
-    if cfg.schedule is None:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return components.build("schedule", cfg.schedule, optimizer)
-
-
-def build_task(cfg: TrainJobConfig) -> Task:
-    task = components.build("task", cfg.task)
-    if not isinstance(task, Task):
-        raise ConfigError(
-            f"task._target_={cfg.task['_target_']} built a {type(task).__name__}, which lacks training_step(model, batch) "
-            "or evaluate(model, batches); see hpcml/compute/tasks.py."
-        )
-    return task
-
-
-def build_datasets(cfg: TrainJobConfig, device: torch.device) -> tuple[Any, Any | None]:
-    """The train and (optional) eval datasets. In-memory ones move to the GPU when they fit, unless
-    DataLoader workers read them: a forked worker cannot touch CUDA tensors."""
-    in_rank = cfg.loader.num_workers == 0 and cfg.loader.collate_fn is None
-    train = components.build("data.train", cfg.data["train"])
-    check_map_style(train, "data.train")
-    evaluation = None
-    if cfg.data.get("eval") is not None:
-        evaluation = components.build("data.eval", cfg.data["eval"])
-        check_map_style(evaluation, "data.eval")
-        evaluation = on_device(evaluation, device)
-    return (on_device(train, device) if in_rank else train), evaluation
-
-
 class Trainer:
-    def __init__(self, cfg: TrainJobConfig, ctx: DistributedContext, stop: StopCoordinator | None = None):
+    def __init__(
+        self,
+        cfg: TrainJobConfig,
+        ctx: DistributedContext,
+        stop: StopCoordinator | None = None,
+        parts: RunParts | None = None,
+    ):
         self.cfg = cfg
         self.ctx = ctx
         self.stop = stop
@@ -146,16 +79,10 @@ class Trainer:
         self.checkpoint_dir = (
             Path(cfg.checkpoint.dir).resolve() if cfg.checkpoint.dir else self.output_dir / "checkpoints"
         )
-        # Every random stream seeded alike on every rank before any user code runs: a Dataset or task that
-        # draws from numpy or `random` while it is built must not differ between ranks or submissions.
-        random.seed(cfg.train.seed)
-        np.random.seed(cfg.train.seed)
-        torch.manual_seed(cfg.train.seed)
-        self.task = build_task(cfg)
-        self.train_data, self.eval_data = build_datasets(cfg, ctx.device)
+        parts = parts or build_parts(cfg, ctx.device)
+        self.task, self.model, self.collate = parts.task, parts.model, parts.collate
+        self.train_data, self.eval_data = parts.train_data, parts.eval_data
         self.stream = GlobalBatchStream(len(self.train_data), cfg.train.global_batch_size, cfg.train.seed)
-        collate = components.build("loader.collate_fn", cfg.loader.collate_fn) if cfg.loader.collate_fn else None
-        self.collate = collate
         self.batches = BatchSource(
             self.train_data,
             self.stream,
@@ -165,10 +92,9 @@ class Trainer:
             cfg.train.seed,
             cfg.loader,
             cfg.train.steps,
-            collate,
+            self.collate,
             stop_signals=(signal.SIGTERM, parse_signal(cfg.preempt.signal)),
         )
-        self.model = build_model(cfg, ctx.device)
         self.sync = make_gradient_sync(self.model, ctx, cfg.train)
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         self.scheduler = build_scheduler(cfg, self.optimizer)
@@ -182,12 +108,16 @@ class Trainer:
         if hasattr(self.task, "state_dict") and hasattr(self.task, "load_state_dict"):
             self.stateful["task"] = self.task
         self.loss_watch = NonFiniteLossWatch(ctx)
-        self._metric_names: list[str] | None = None
+        self.step_metrics = StepMetricsAverager(ctx, type(self.task).__name__)
         self.writer = (
             ckpt.CheckpointWriter(self.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
             if ctx.is_main
             else None
         )
+        # Called with the trainer after each step, and at each save just before rank 0 hands the state to its
+        # writer (drills.py); empty in a normal run.
+        self.after_step: list[Hook] = []
+        self.before_save: list[Hook] = []
         # A forward that updates buffers (BatchNorm statistics) changes checkpointed state.
         self._forward_changes_state = any(True for _ in self.model.buffers())
         self.step = 0
@@ -266,6 +196,8 @@ class Trainer:
         if self.ctx.world_size > 1:
             rng_states = [None] * self.ctx.world_size
             dist.all_gather_object(rng_states, ckpt.capture_rng_state())
+        for hook in self.before_save:
+            hook(self)
         if self.writer is not None:
             # An async writer copies the live state on its own thread, while the next step's forward and
             # backward run; train_step() waits for that copy before the weights change.
@@ -278,7 +210,6 @@ class Trainer:
                 rng_states,
                 copy=False,
             )
-            self._maybe_inject_save_fault()
             self.writer.submit(snap, stage=self.writer.asynchronous)
             if wait:
                 self.writer.wait()
@@ -286,17 +217,6 @@ class Trainer:
             self._save_estimate_s = max(time.perf_counter() - started, self.writer.last_write_s or 0.0)
         self._save_estimate_s = broadcast_from_rank0(self._save_estimate_s, self.ctx)
         self._last_save_time = time.monotonic()
-
-    def _maybe_inject_save_fault(self) -> None:
-        fault = self.cfg.fault
-        # Only in the first attempt: the restarted job must get past this step.
-        if fault.kill_during_save_at_step == self.step and slurm_job.restart_count(os.environ) == 0:
-            # Die with the checkpoint half-written: a partial folder with no manifest.
-            partial = self.checkpoint_dir / f".{ckpt.step_dir_name(self.step)}.partial"
-            partial.mkdir(parents=True, exist_ok=True)
-            (partial / ckpt.STATE_FILE).write_bytes(b"half a checkpoint")
-            log.error("fault.kill_during_save_at_step=%d: killing rank 0 in the middle of a save", self.step)
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def periodic_save_due(self) -> bool:
         """Whether checkpoint.every_steps or checkpoint.every_minutes asks for a save at this step."""
@@ -335,17 +255,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        fault = self.cfg.fault
-        if fault.raise_at_step == self.step and fault.rank == self.ctx.rank:
-            raise RuntimeError(f"injected fault on rank {self.ctx.rank} at step {self.step} (fault.raise_at_step)")
-        if fault.hang_at_step == self.step and fault.rank == self.ctx.rank:
-            log.error("fault.hang_at_step=%d: this rank stops answering", self.step)
-            while True:
-                time.sleep(3600)
-        if fault.raise_if_file_exists and Path(fault.raise_if_file_exists).exists():
-            raise RuntimeError(f"injected fault: {fault.raise_if_file_exists} exists (fault.raise_if_file_exists)")
-        if fault.step_sleep_s:
-            time.sleep(fault.step_sleep_s)
+        for hook in self.after_step:
+            hook(self)
         return loss.detach(), step_metrics
 
     def settle(self) -> None:
@@ -376,42 +287,6 @@ class Trainer:
             return BoundaryDecision(StopReason.NONE, save_due)
         return self.stop.agree(self._save_estimate_s, self._step_estimate_s, save_due)
 
-    def averaged_step_metrics(self, loss: torch.Tensor, step_metrics: Any) -> dict[str, float]:
-        """The loss and the task's step metrics, averaged over ranks in one all-reduce. Their names must be the
-        same on every rank, or the ranks would average different things (or wait on each other for ever):
-        compared across ranks the first time, and against the first time's on each rank after that (a rank
-        that raises alone ends the whole job)."""
-        names = sorted(step_metrics)
-        task = type(self.task).__name__
-        if self._metric_names is None:
-            everyone = [names]
-            if self.ctx.world_size > 1:
-                everyone = [None] * self.ctx.world_size
-                dist.all_gather_object(everyone, names)
-            if any(other != everyone[0] for other in everyone):
-                raise ConfigError(
-                    f"{task}.training_step returned different metric names on different ranks "
-                    f"({', '.join(f'rank {r}: {n}' for r, n in enumerate(everyone))}); return the same names on "
-                    "every rank (a per-rank value under one name is averaged)."
-                )
-            self._metric_names = everyone[0]
-        if names != self._metric_names:
-            raise ConfigError(
-                f"{task}.training_step returned metrics {names} at step {self.step} on rank {self.ctx.rank}, but "
-                f"{self._metric_names} at the first logged step; return the same names at every step."
-            )
-        values = [loss.detach().to(torch.float32).reshape(())]
-        for name in names:
-            value = as_tensor(step_metrics[name], loss.device)
-            if value.numel() != 1:
-                raise TypeError(f"{task}.training_step: metric {name!r} has {value.numel()} values; give one number.")
-            values.append(value.reshape(()))
-        values = torch.stack(values)
-        if self.ctx.world_size > 1:
-            dist.all_reduce(values)
-            values /= self.ctx.world_size
-        return dict(zip(["loss", *names], values.tolist(), strict=True))
-
     def global_mean(self, value: torch.Tensor) -> float:
         if self.ctx.world_size > 1:
             value = value.clone()
@@ -439,49 +314,19 @@ class Trainer:
             ) from None
 
     def fit(self) -> TrainingOutcome:
-        cfg = self.cfg.train
+        """Resume from the latest checkpoint if there is one, train until train.steps or until the ranks agree
+        to stop (then save and return), save the final state, evaluate, and write the result."""
         self.resume()
         first_step = self.step
-        if self.step < cfg.steps:
+        if self.step < self.cfg.train.steps:
             self.settle()
-        metrics = MetricsWriter(self.output_dir, self.ctx.is_main, cfg.steps, self.step)
-        start = window_start = time.perf_counter()
-        window_steps = 0
-        first_step_at = None
-        loss = torch.zeros((), device=self.ctx.device)
+        metrics = MetricsWriter(self.output_dir, self.ctx.is_main, self.cfg.train.steps, self.step)
+        started = time.perf_counter()
         try:
-            while self.step < cfg.steps:
-                step_started = time.perf_counter()
-                loss, step_metrics = self.train_step()
-                if first_step_at is None:
-                    first_step_at = time.time()
-                window_steps += 1
-                metrics.advance()
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    self.loss_watch.check(self.step)
-                    elapsed = time.perf_counter() - window_start
-                    metrics.write(
-                        self.step,
-                        {
-                            **self.averaged_step_metrics(loss, step_metrics),
-                            "samples_per_s": window_steps * cfg.global_batch_size / max(elapsed, 1e-9),
-                            "epoch": self.stream.samples_consumed(self.step) / self.stream.num_samples,
-                            "lr": self.scheduler.get_last_lr()[0],
-                            # Rank 0's time waiting for batches, as a share of the steps' time.
-                            "loader_wait": self.batches.take_wait_s() / max(elapsed, 1e-9),
-                        },
-                    )
-                    window_start, window_steps = time.perf_counter(), 0
-                self._step_estimate_s = 0.9 * self._step_estimate_s + 0.1 * (time.perf_counter() - step_started)
-                decision = self.boundary_decision()
-                if decision.stop is not StopReason.NONE:
-                    log.warning("stopping at step %d (%s): saving a checkpoint", self.step, decision.stop.name.lower())
-                    self.save(wait=True)
-                    self._barrier()
-                    return TrainingOutcome(None, decision.stop, self.step)
-                if decision.save and self.step < cfg.steps:
-                    self.save()
-            elapsed = time.perf_counter() - start
+            trained = self.train_until_done(metrics)
+            if trained.stopped is not StopReason.NONE:
+                return TrainingOutcome(None, trained.stopped, self.step)
+            elapsed = time.perf_counter() - started
             if self.resumed_from != self.step:
                 # The final state, saved before evaluating: a finished run that is requeued does not retrain,
                 # and an evaluate() that fails loses nothing (a rerun resumes at the end and evaluates again).
@@ -494,41 +339,62 @@ class Trainer:
             self.batches.close()
         result = TrainingResult(
             steps=self.step,
-            final_loss=self.global_mean(loss),
+            final_loss=self.global_mean(trained.last_loss),
             metrics=evaluated,
             params_sha256=parameters_checksum(self.model),
             world_size=self.ctx.world_size,
             num_nodes=self.ctx.placement.num_nodes,
             backend=self.ctx.backend,
-            grad_sync=cfg.grad_sync,
+            grad_sync=self.cfg.train.grad_sync,
             launcher=self.ctx.launcher,
-            samples_per_s=(self.step - first_step) * cfg.global_batch_size / max(elapsed, 1e-9),
+            samples_per_s=(self.step - first_step) * self.cfg.train.global_batch_size / max(elapsed, 1e-9),
             elapsed_s=elapsed,
             output_dir=str(self.output_dir),
             resumed_from_step=self.resumed_from,
             transport_plan=self.sync.state_dict().get("transport_plan"),
-            first_step_at=first_step_at,
+            first_step_at=trained.first_step_at,
         )
-        self._write_result(result)
+        write_result(result, self.model, self.ctx, self.output_dir)
         return TrainingOutcome(result, StopReason.NONE, self.step)
 
-    def _write_result(self, result: TrainingResult) -> None:
-        """Every rank's checksum goes into result.json, so a diverged replica cannot hide."""
-        checksums = [result.params_sha256]
-        if self.ctx.world_size > 1:
-            checksums = [None] * self.ctx.world_size
-            dist.all_gather_object(checksums, result.params_sha256)
-        identical = len(set(checksums)) == 1
-        if self.ctx.is_main:
-            write_atomically(self.output_dir / MODEL_FILE, lambda f: torch.save(self.model.state_dict(), f))
-            record = {**asdict(result), "rank_params_sha256": checksums, "replicas_identical": identical}
-            write_atomically(
-                self.output_dir / RESULT_FILE, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode())
-            )
-        if not identical:
-            # Every rank knows; the result stays on disk for inspection, but the run must not look finished.
-            raise ReplicasDivergedError(
-                f"replicas diverged: parameter checksums differ across ranks ({', '.join(c[:12] for c in checksums)}); "
-                f"see {self.output_dir / RESULT_FILE}. Something made the ranks apply different updates: a rank-"
-                "dependent config, data or optimizer state, or a nondeterministic gradient reduction."
-            )
+    def train_until_done(self, metrics: MetricsWriter) -> TrainedSteps:
+        """Steps until train.steps, logging every train.log_every; at each step boundary the ranks agree
+        whether to save, or to stop (then the state is saved, and the loop ends early)."""
+        cfg = self.cfg.train
+        trained = TrainedSteps(StopReason.NONE, torch.zeros((), device=self.ctx.device), None)
+        window_start, window_steps = time.perf_counter(), 0
+        while self.step < cfg.steps:
+            step_started = time.perf_counter()
+            trained.last_loss, step_metrics = self.train_step()
+            if trained.first_step_at is None:
+                trained.first_step_at = time.time()
+            window_steps += 1
+            metrics.advance()
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self.loss_watch.check(self.step)
+                window_s = time.perf_counter() - window_start
+                metrics.write(self.step, self.logged_metrics(trained.last_loss, step_metrics, window_steps, window_s))
+                window_start, window_steps = time.perf_counter(), 0
+            self._step_estimate_s = 0.9 * self._step_estimate_s + 0.1 * (time.perf_counter() - step_started)
+            decision = self.boundary_decision()
+            if decision.stop is not StopReason.NONE:
+                log.warning("stopping at step %d (%s): saving a checkpoint", self.step, decision.stop.name.lower())
+                self.save(wait=True)
+                self._barrier()
+                trained.stopped = decision.stop
+                return trained
+            if decision.save and self.step < cfg.steps:
+                self.save()
+        return trained
+
+    def logged_metrics(self, loss: torch.Tensor, step_metrics: Any, steps: int, seconds: float) -> dict[str, float]:
+        """One metrics.jsonl record: the loss and the task's step metrics averaged over ranks (a collective),
+        and the throughput and loader wait of the `steps` steps logged since the last record."""
+        return {
+            **self.step_metrics.average(loss, step_metrics, self.step),
+            "samples_per_s": steps * self.cfg.train.global_batch_size / max(seconds, 1e-9),
+            "epoch": self.stream.samples_consumed(self.step) / self.stream.num_samples,
+            "lr": self.scheduler.get_last_lr()[0],
+            # Rank 0's time waiting for batches, as a share of the steps' time.
+            "loader_wait": self.batches.take_wait_s() / max(seconds, 1e-9),
+        }

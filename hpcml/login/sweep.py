@@ -22,7 +22,7 @@ from hpcml.fileio import write_atomically
 from hpcml.job_entry import TrainingJob
 from hpcml.login import launch, slurm
 from hpcml.login.polling import poll_until
-from hpcml.outputs import JOB_RECORD, METRICS_FILE, RESULT_FILE, read_metrics
+from hpcml.outputs import JOB_RECORD, METRICS_FILE, RESULT_FILE, read_metrics, read_objective
 from hpcml.slurm_commands import ACTIVE_STATES, TERMINAL_STATES
 
 SWEEP_FILE = "sweep.json"
@@ -183,11 +183,18 @@ class TrialStatus:
 
 
 def _metrics(trial_dir: Path, objective: str) -> tuple[int, float | None, float | None]:
+    """The trial's last logged step and loss, and the latest value of `objective`: from metrics.jsonl, or,
+    for a figure only result.json holds (final_loss, samples_per_s), from there once the trial finished."""
     step, loss, value = 0, None, None
     for record in read_metrics(trial_dir / METRICS_FILE):
         step = max(step, record.get("step", 0))
         loss = record.get("loss", loss)
         value = record.get(objective, value)
+    if value is None:
+        try:
+            value = read_objective(trial_dir, objective)
+        except (OSError, ValueError, HpcmlError):  # unreadable, or it holds no such figure: shown blank
+            value = None
     return step, loss, value
 
 

@@ -303,29 +303,36 @@ def test_term_to_the_batch_shell_at_start_up_and_mid_training_is_survived_on_the
     assert_nothing_lost(log, 300, attempts=3)
 
 
-@pytest.mark.parametrize("when", ["mid-training", "start-up"])
-def test_term_to_the_batch_shell_is_survived_on_the_mpirun_path(when, reference_sha):
+def test_term_to_the_batch_shell_at_start_up_and_mid_training_is_survived_on_the_mpirun_path(reference_sha):
+    """`sbatch sbatch/train.sbatch` by hand, as the README runs it (the mpirun path, 2 nodes x 2 ranks), gets
+    two TERMs to its batch shell's process group: one while rank 0's Python has composed its config but the
+    ranks have not formed their world, one in the middle of training after the restart resumed."""
     job = sbatch_train("sbatch/train.sbatch", *SLOW, SAME_TRANSPORT)
     run_dir = ROOT / "outputs" / "runs" / f"sbatch-{job}"
-    if when == "start-up":
-        # Rank 0 has composed its config (Hydra wrote .hydra/), so its Python runs; torch is not imported yet.
-        deadline = time.monotonic() + 60
-        while not (run_dir / ".hydra").is_dir():
-            assert time.monotonic() < deadline, attempts(job)
-            time.sleep(0.05)
-        time.sleep(0.3)  # the other node's ranks start a moment later
-    else:
-        wait_for_step(run_dir, 80)
+    slurm_log = ROOT / "outputs" / f"slurm-{job}.out"
+    # Rank 0 has composed its config (Hydra wrote .hydra/), so its Python runs; torch is not imported yet.
+    deadline = time.monotonic() + 60
+    while not (run_dir / ".hydra").is_dir():
+        assert time.monotonic() < deadline, attempts(job)
+        time.sleep(0.05)
+    time.sleep(0.3)  # the other node's ranks start a moment later
     term_the_batch_shell(job, "full")
-    if when == "start-up":
-        assert not (run_dir / "slurm_job.json").exists()  # rank 0 writes it once the world has formed
+    assert not (run_dir / "slurm_job.json").exists()  # rank 0 writes it once the world has formed
+    deadline = time.monotonic() + 120
+    while not slurm_log.exists() or slurm_log.read_text().count("resumed from") < 1:
+        assert time.monotonic() < deadline, attempts(job)
+        time.sleep(0.5)
+    wait_for_step(run_dir, 150)
+    term_the_batch_shell(job, "full")
     history = wait_until_ended(job)
-    log = (ROOT / "outputs" / f"slurm-{job}.out").read_text()
-    assert history == ["REQUEUED", "COMPLETED"], f"{history}\n{log[-3000:]}"
-    assert "(signal): saving a checkpoint" in log
+    log = slurm_log.read_text()
+    assert history == ["REQUEUED", "REQUEUED", "COMPLETED"], f"{history}\n{log[-3000:]}"
+    stops = re.findall(r"stopping at step (\d+) \(signal\): saving a checkpoint", log)  # each rank logs its own
+    assert len(set(stops)) == 2 and len(stops) == 2 * 4, stops
     result = read_result(run_dir)
+    assert result["launcher"] == "Open MPI (mpirun)" and result["world_size"] == 4 and result["num_nodes"] == 2
     assert result["params_sha256"] == reference_sha and result["replicas_identical"]
-    assert_nothing_lost(log, 300, attempts=2)
+    assert_nothing_lost(log, 300, attempts=3)
 
 
 def test_a_real_cancel_ends_the_job_cancelled_and_never_requeues_it():
@@ -336,7 +343,13 @@ def test_a_real_cancel_ends_the_job_cancelled_and_never_requeues_it():
     job = job_id_of(out)
     wait_for_step(out, 60)
     subprocess.run(["scancel", job], check=True)
-    time.sleep(25)  # longer than a requeued job's 11 s hold: a wrong requeue would show by now
+    # A requeued job would wait in the queue (PENDING, BeginTime) for 11 s: the job must leave it instead.
+    deadline = time.monotonic() + 60
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline, attempts(job)
+        time.sleep(0.5)
+    time.sleep(2)  # a requeue that rank 0 sent while the job was completing would have reached the queue by now
+    assert subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip() == ""
     assert attempts(job) == ["CANCELLED"]
     log = (out / "slurm" / f"{job}_0_log.err").read_text()
     assert f"job {job} was cancelled: checkpoint saved, not requeued" in log
@@ -361,7 +374,13 @@ def test_a_site_with_job_requeue_0_and_preemption_that_cancels_still_gets_the_ru
 
 
 def rank_pid(job: str, rank: int) -> int:
-    """The pid of one rank's process (both logical nodes run on this machine)."""
+    """The pid of one rank's process (both logical nodes run on this machine); `job` may be `<array>_<index>`."""
+    array, _, index = job.partition("_")
+    wanted = {f"SLURM_PROCID={rank}".encode()}
+    if index:
+        wanted |= {f"SLURM_ARRAY_JOB_ID={array}".encode(), f"SLURM_ARRAY_TASK_ID={index}".encode()}
+    else:
+        wanted.add(f"SLURM_JOB_ID={job}".encode())
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             if b"hpcml.compute.submitit_main" not in cmdline.read_bytes():
@@ -369,37 +388,16 @@ def rank_pid(job: str, rank: int) -> int:
             env = set((cmdline.parent / "environ").read_bytes().split(b"\0"))
         except OSError:
             continue
-        if {f"SLURM_JOB_ID={job}".encode(), f"SLURM_PROCID={rank}".encode()} <= env:
+        if wanted <= env:
             return int(cmdline.parent.name)
     raise AssertionError(f"no process of rank {rank} of job {job}")
 
 
-def test_one_rank_hearing_the_signal_stops_every_rank_at_the_same_step(reference_sha):
-    """TERM to rank 2 alone (on the second node): all four ranks agree at the next step boundary, save once,
-    rank 0 requeues, and the run resumes exactly."""
-    out = new_out("one-rank")
-    proc = submit(out, *SLOW)
-    job = job_id_of(out)
-    wait_for_step(out, 100)
-    os.kill(rank_pid(job, 2), signal.SIGTERM)
-    finish(proc)
-    result = read_result(out)
-    assert result["params_sha256"] == reference_sha and result["replicas_identical"]
-    assert attempts(job) == ["REQUEUED", "COMPLETED"]
-    stops = set()
-    for rank in range(4):
-        rank_log = (out / "slurm" / f"{job}_{rank}_log.err").read_text()
-        stops |= set(re.findall(r"stopping at step (\d+) \(signal\)", rank_log))
-        assert "stopping at step" in rank_log, f"rank {rank} never stopped"
-    assert len(stops) == 1, stops  # the same step on every rank
-    log = rank0_log(out, job)
-    assert log.count(f"checkpoint step-{stops.pop()} committed") == 1  # saved once
-    assert_nothing_lost(log, 300, attempts=2)
-
-
-def test_a_preempted_array_task_comes_back_and_resumes_exactly(reference_sha):
-    """A sweep's trial is an array task: preempted by a job in the urgent partition, it is requeued by its
-    rank 0 (by its own `<array>_<index>` id) and ends as the same run uninterrupted."""
+def test_a_preempted_array_task_and_one_rank_hearing_a_signal_both_resume_exactly(reference_sha):
+    """A sweep's trial is an array task. Preempted by a job in the urgent partition, it is requeued by its
+    rank 0 (by its own `<array>_<index>` id) and resumes. Then TERM reaches rank 2 alone (on the second
+    node): all four ranks agree on one step, save it once, rank 0 requeues, and the run ends as the same run
+    uninterrupted."""
     from hpcml.login.sweep import TERMINAL_STATES, load_sweep, sweep_status
 
     base = new_out("array-preempt")
@@ -407,14 +405,25 @@ def test_a_preempted_array_task_comes_back_and_resumes_exactly(reference_sha):
     done = subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     sweep = load_sweep(base)
-    wait_for_step(base / sweep.trials[0].dir, 80)
-    interrupt("preemption", sweep.trials[0].job_id)
+    trial, job = base / sweep.trials[0].dir, sweep.trials[0].job_id
+    wait_for_step(trial, 80)
+    interrupt("preemption", job)
+    rank_log = [base / "slurm" / f"{job}_{rank}_log.err" for rank in range(4)]
+    deadline = time.monotonic() + 120
+    while not rank_log[0].exists() or rank_log[0].read_text().count("resumed from") < 1:
+        assert time.monotonic() < deadline, sweep_status(sweep)[0]
+        time.sleep(0.5)
+    wait_for_step(trial, 180)
+    os.kill(rank_pid(job, 2), signal.SIGTERM)
     deadline = time.monotonic() + 300
     while (row := sweep_status(sweep)[0]).state not in TERMINAL_STATES:
         assert time.monotonic() < deadline, row
         time.sleep(1)
-    assert row.state == "COMPLETED" and row.restarts == 1, row
-    result = read_result(base / sweep.trials[0].dir)
+    assert row.state == "COMPLETED" and row.restarts == 2, row
+    result = read_result(trial)
     assert result["params_sha256"] == reference_sha and result["replicas_identical"]
-    log = (base / "slurm" / f"{sweep.trials[0].job_id}_0_log.err").read_text()
-    assert_nothing_lost(log, 300, attempts=2)
+    stops = [re.findall(r"stopping at step (\d+) \(signal\)", log.read_text()) for log in rank_log]
+    assert len(stops[0]) == 2 and all(s == stops[0] for s in stops), stops  # each stop at one step on every rank
+    log = rank_log[0].read_text()
+    assert all(log.count(f"checkpoint step-{step} committed") == 1 for step in stops[0]), stops  # saved once each
+    assert_nothing_lost(log, 300, attempts=3)

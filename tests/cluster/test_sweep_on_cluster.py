@@ -32,6 +32,11 @@ def test_six_trial_sweep_end_to_end():
             "optim.lr=0.02,0.1",
             "model.width=32,64,128",
             "train.steps=100",
+            # One rank per trial (multi-rank runs are proved elsewhere), two CPUs each: four trials fit on the
+            # cluster's eight CPUs at once, so two of the six must wait in the queue.
+            "cluster.nodes=1",
+            "cluster.tasks_per_node=1",
+            "cluster.cpus_per_task=2",
             f"fault.raise_if_file_exists={base.parent}/{base.name}-fail-${{model.width}}-${{optim.lr}}",
             f"hydra.sweep.dir={base}",
         ],
@@ -127,6 +132,8 @@ def test_optuna_sweep_waits_for_each_batch_and_gets_its_objectives():
             "launch.objective=val_mse",
             "optim.lr=interval(0.02,0.2)",
             "train.steps=50",
+            "cluster.nodes=1",
+            "cluster.tasks_per_node=1",
             f"hydra.sweep.dir={base}",
         ],
         cwd=ROOT,

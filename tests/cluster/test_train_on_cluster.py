@@ -60,25 +60,6 @@ def test_ranks_really_ran_on_both_nodes_and_accounting_saw_it(demo_run):
     assert list((out_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_sbatch_by_hand_with_mpirun_trains_the_same_model(demo_run):
-    out_dir, _ = demo_run
-    done = subprocess.run(
-        ["sbatch", "--wait", "sbatch/train.sbatch"], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    job_id = re.search(r"Submitted batch job (\d+)", done.stdout).group(1)
-    log = (ROOT / "outputs" / f"slurm-{job_id}.out").read_text()
-    assert done.returncode == 0, log
-    sbatch_dir = ROOT / "outputs" / "runs" / f"sbatch-{job_id}"
-    result = read_result(sbatch_dir)
-    assert result["launcher"] == "Open MPI (mpirun)"
-    assert result["world_size"] == 4 and result["num_nodes"] == 2 and result["replicas_identical"]
-    # Same config, same data stream: the mpirun path and the srun path end at the same weights.
-    srun_model = torch.load(out_dir / "model.pt", weights_only=True)
-    mpirun_model = torch.load(sbatch_dir / "model.pt", weights_only=True)
-    for name, value in srun_model.items():
-        torch.testing.assert_close(mpirun_model[name], value, rtol=1e-4, atol=1e-5)
-
-
 def test_one_failing_rank_ends_the_job_promptly_and_leaves_nodes_healthy(tmp_path_factory):
     out_dir = ROOT / "outputs" / "test-runs" / f"fail-{time.time_ns()}"
     started = time.monotonic()
@@ -112,3 +93,26 @@ def test_the_example_project_trains_on_the_cluster_with_no_change_to_hpcml():
     assert result["world_size"] == 4 and result["num_nodes"] == 2 and result["replicas_identical"]
     assert result["metrics"]["test_accuracy"] >= 0.8, result["metrics"]
     assert "test_accuracy" in done.stdout  # the finished line names the task's metrics
+
+
+def test_a_user_run_saved_on_four_ranks_finishes_on_two_with_the_same_sample_stream():
+    """Elastic resume through a DataLoader: a user's model on a Dataset that draws torch and numpy noise in
+    __getitem__, read by two workers per rank, saves at step 60 on 2 nodes x 2 ranks; a job on 1 node x 2
+    ranks resumes there and ends where the 4-rank run did, to float tolerance (the reduction order differs).
+    A worker seeded from process state, or a sampler that split the stream by world size, would not."""
+    from user_code import USE
+
+    run = [*USE, "+data.train.noise=0.3", "loader.num_workers=2", "launch.objective=val_mse", "train.steps=120"]
+    four = ROOT / "outputs" / "test-runs" / f"elastic-four-{time.time_ns()}"
+    done = submit_and_wait(four, *run, "checkpoint.every_steps=60")
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    two = ROOT / "outputs" / "test-runs" / f"elastic-two-{time.time_ns()}"
+    done = submit_and_wait(two, *run, "cluster.nodes=1", f"checkpoint.resume={four / 'checkpoints' / 'step-60'}")
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    result = read_result(two)
+    assert result["resumed_from_step"] == 60 and result["world_size"] == 2 and result["num_nodes"] == 1
+    assert read_result(four)["world_size"] == 4
+    expected = torch.load(four / "model.pt", weights_only=True)
+    resumed = torch.load(two / "model.pt", weights_only=True)
+    for name, value in expected.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-4, atol=1e-5, msg=f"{name} differs")

@@ -1,0 +1,73 @@
+"""Deliberate faults (`fault.*`) for the fault tests and for drills on a real cluster: a rank that raises,
+hangs or crashes at start-up, a save killed half-way, a slowed step. They hook into the Trainer from outside
+its loop (`Trainer.after_step`, `Trainer.before_save`), so a run that drills nothing runs none of this."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hpcml.compute import checkpoint as ckpt
+from hpcml.compute import slurm_job, step_record
+from hpcml.config import FaultConfig
+
+if TYPE_CHECKING:
+    from hpcml.compute.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def crash_if_drilled(fault: FaultConfig, rank: int) -> None:
+    """fault.crash_at_start_launches: die as an MPI start-up crash does, before joining the world."""
+    if rank == fault.rank and step_record.startup_retries() < fault.crash_at_start_launches:
+        sys.stderr.write(f"[rank {rank}] fault.crash_at_start_launches: crashing before the world forms\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def install_fault_drills(trainer: Trainer, fault: FaultConfig) -> None:
+    """Hook the drills `fault` asks for into `trainer`; none when it asks for none."""
+    if any(
+        (
+            fault.raise_at_step is not None,
+            fault.hang_at_step is not None,
+            fault.raise_if_file_exists,
+            fault.step_sleep_s,
+        )
+    ):
+        trainer.after_step.append(lambda t: after_step(t, fault))
+    if fault.kill_during_save_at_step is not None:
+        trainer.before_save.append(lambda t: kill_during_save(t, fault))
+
+
+def after_step(trainer: Trainer, fault: FaultConfig) -> None:
+    step, rank = trainer.step, trainer.ctx.rank
+    if fault.raise_at_step == step and fault.rank == rank:
+        raise RuntimeError(f"injected fault on rank {rank} at step {step} (fault.raise_at_step)")
+    if fault.hang_at_step == step and fault.rank == rank:
+        log.error("fault.hang_at_step=%d: this rank stops answering", step)
+        while True:
+            time.sleep(3600)
+    if fault.raise_if_file_exists and Path(fault.raise_if_file_exists).exists():
+        raise RuntimeError(f"injected fault: {fault.raise_if_file_exists} exists (fault.raise_if_file_exists)")
+    if fault.step_sleep_s:
+        time.sleep(fault.step_sleep_s)
+
+
+def kill_during_save(trainer: Trainer, fault: FaultConfig) -> None:
+    """On the writing rank, in the first attempt only (the restarted job must get past this step): die with
+    the checkpoint half-written, a partial folder with no manifest."""
+    if fault.kill_during_save_at_step != trainer.step or slurm_job.restart_count(os.environ) != 0:
+        return
+    if not trainer.ctx.is_main:
+        return
+    partial = trainer.checkpoint_dir / f".{ckpt.step_dir_name(trainer.step)}.partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / ckpt.STATE_FILE).write_bytes(b"half a checkpoint")
+    log.error("fault.kill_during_save_at_step=%d: killing rank 0 in the middle of a save", trainer.step)
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,38 @@
+"""Fault drills hook into a Trainer from outside its loop, and only when the config asks for one."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from hpcml.compute.drills import install_fault_drills
+from hpcml.config import FaultConfig
+
+
+def fake_trainer(rank=0, step=0):
+    return SimpleNamespace(step=step, ctx=SimpleNamespace(rank=rank, is_main=rank == 0), after_step=[], before_save=[])
+
+
+def test_a_run_that_drills_nothing_gets_no_hooks():
+    trainer = fake_trainer()
+    install_fault_drills(trainer, FaultConfig())
+    assert trainer.after_step == [] and trainer.before_save == []
+
+
+def test_raise_at_step_fails_only_the_chosen_rank_at_the_chosen_step():
+    fault = FaultConfig(raise_at_step=5, rank=1)
+    bystander, chosen = fake_trainer(rank=0, step=5), fake_trainer(rank=1, step=4)
+    for trainer in (bystander, chosen):
+        install_fault_drills(trainer, fault)
+        assert len(trainer.after_step) == 1 and trainer.before_save == []
+    bystander.after_step[0](bystander)  # another rank: nothing
+    chosen.after_step[0](chosen)  # step 4: nothing yet
+    chosen.step = 5
+    with pytest.raises(RuntimeError, match="injected fault on rank 1 at step 5"):
+        chosen.after_step[0](chosen)
+
+
+def test_kill_during_save_hooks_into_saves_only():
+    trainer = fake_trainer()
+    install_fault_drills(trainer, FaultConfig(kill_during_save_at_step=150))
+    assert trainer.after_step == [] and len(trainer.before_save) == 1
+    trainer.before_save[0](trainer)  # step 0: not the drilled step, so this process lives on
