@@ -10,7 +10,7 @@ CLUSTER_STATE ?= $(CURDIR)/.cluster
 APT_PACKAGES := slurm-wlm slurmdbd munge mariadb-server openmpi-bin libopenmpi-dev
 PYTEST_ARGS ?=
 
-.PHONY: help deps install cluster-up cluster-down cluster-status demo test test-fast bench bench-quick lint clean
+.PHONY: help deps install cluster-up cluster-down cluster-status demo demo-lm test test-fast bench bench-quick lint clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -39,6 +39,9 @@ cluster-status:  ## daemons and sinfo
 
 demo: cluster-up  ## a real 2 nodes x 2 ranks data-parallel job on the local cluster, followed to the end
 	$(PY) jobs/train.py cluster=local launch.wait=true launch.poll_s=2
+
+demo-lm: cluster-up  ## the byte-level transformer LM on 2 nodes x 2 ranks: validation perplexity, and where the outputs are
+	$(PY) jobs/train.py +experiment=lm cluster=local launch.wait=true launch.poll_s=2 $(ARGS)
 
 test: deps install cluster-up  ## every test, the real-cluster ones included
 	$(PY) -m pytest --durations=30 $(PYTEST_ARGS)

@@ -27,6 +27,7 @@ from hpcml.signal_names import parse_signal
 BACKENDS = ("auto", "gloo", "nccl")
 GRAD_SYNCS = ("ddp", "flat")
 TRANSPORTS = ("auto", "torch", "mpi")
+PRECISIONS = ("fp32", "bf16", "fp16")
 RESUME_MODES = ("auto", "none")
 
 
@@ -213,8 +214,20 @@ class TrainConfig:
     global_batch_size: int = 64
     seed: int = 0
     log_every: int = 10
-    # Samples per forward when the task evaluates the eval dataset at the end of a run (every rank alike).
+    # Samples per forward when the task evaluates the eval dataset (every rank alike).
     eval_batch_size: int = 1024
+    # Evaluate every N steps as well as at the end (0: only at the end); the metrics go to metrics.jsonl.
+    eval_every_steps: int = 0
+    # Gradient accumulation: each rank's share of a step's global batch goes through forward and backward in
+    # this many equal micro-batches, and gradients are averaged across ranks once, after the last. The same
+    # samples and average gradient as with 1 (BatchNorm aside: it sees the smaller batches), in less memory.
+    grad_accum_steps: int = 1
+    # Clip the gradients' global L2 norm to this before each optimizer step, and log the norm (0: off).
+    clip_grad_norm: float = 0.0
+    # fp32; bf16 (autocast, for GPUs that have it); fp16 (autocast and a checkpointed loss scaler).
+    precision: str = "fp32"
+    # torch.compile the model (the first steps pay the compilation).
+    compile: bool = False
     # auto: nccl when CUDA is there (one GPU per rank), gloo otherwise.
     backend: str = "auto"
     # ddp: torch DistributedDataParallel (bucketed all-reduces overlap backward); flat: all gradients in one
@@ -237,6 +250,15 @@ class TrainConfig:
         _require(self.global_batch_size >= 1, f"train.global_batch_size={self.global_batch_size} must be 1 or more.")
         _require(self.log_every >= 1, f"train.log_every={self.log_every} must be 1 or more.")
         _require(self.eval_batch_size >= 1, f"train.eval_batch_size={self.eval_batch_size} must be 1 or more.")
+        _require(self.eval_every_steps >= 0, f"train.eval_every_steps={self.eval_every_steps} cannot be negative.")
+        _require(self.grad_accum_steps >= 1, f"train.grad_accum_steps={self.grad_accum_steps} must be 1 or more.")
+        _require(
+            self.global_batch_size % self.grad_accum_steps == 0,
+            f"train.global_batch_size={self.global_batch_size} does not split into train.grad_accum_steps="
+            f"{self.grad_accum_steps} equal micro-batches; make it a multiple of {self.grad_accum_steps}.",
+        )
+        _require(self.clip_grad_norm >= 0, f"train.clip_grad_norm={self.clip_grad_norm} cannot be negative (0: off).")
+        _one_of("train.precision", self.precision, PRECISIONS)
         _one_of("train.backend", self.backend, BACKENDS)
         _require(
             self.grad_sync != "mpi",
@@ -361,6 +383,9 @@ class FaultConfig:
     # Rank `rank` dies of SIGSEGV before joining the world in the first N launches of each attempt's step: a
     # stand-in for an MPI start-up crash, which the batch shell relaunches (cluster.startup_retries).
     crash_at_start_launches: int = 0
+    # Every rank pauses (8 s) between the first and second micro-batch of this step, logging it, so that a
+    # test can interrupt in the middle of a step (train.grad_accum_steps > 1).
+    pause_between_micro_batches_at_step: int | None = None
 
 
 @dataclass
@@ -385,12 +410,28 @@ class TrainJobConfig:
         self.optim = _component(self.optim, BUILTIN_OPTIM)
         self.task = _component(self.task, BUILTIN_TASK)
         _check_components(self)
+        _require(
+            not self.train.eval_every_steps or self.data.get("eval") is not None,
+            f"train.eval_every_steps={self.train.eval_every_steps} needs an eval dataset, and data.eval is null; "
+            "give one (data.eval._target_=...), or set train.eval_every_steps=0.",
+        )
+        _require(
+            self.fault.pause_between_micro_batches_at_step is None or self.train.grad_accum_steps > 1,
+            "fault.pause_between_micro_batches_at_step needs train.grad_accum_steps of 2 or more: with one "
+            "micro-batch a step has no in-between.",
+        )
         if self.cluster.submit:
             world = self.cluster.world_size
             _require(
                 self.train.global_batch_size % world == 0,
                 f"train.global_batch_size={self.train.global_batch_size} does not split evenly over "
                 f"{world} ranks ({self.cluster.nodes} nodes x {self.cluster.tasks_per_node}); make it a multiple of {world}.",
+            )
+            parts = world * self.train.grad_accum_steps
+            _require(
+                self.train.global_batch_size % parts == 0,
+                f"train.global_batch_size={self.train.global_batch_size} over {world} ranks does not split into "
+                f"train.grad_accum_steps={self.train.grad_accum_steps} equal micro-batches; make it a multiple of {parts}.",
             )
 
 

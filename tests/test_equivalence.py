@@ -41,6 +41,18 @@ def test_four_ranks_equal_one_process_on_the_global_batch(sync, one_process, tmp
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("sync", ["grad_sync=ddp transport=mpi", "grad_sync=flat transport=torch"])
+def test_two_ranks_with_two_micro_batches_equal_one_process(sync, one_process, tmp_path):
+    """Gradient accumulation across ranks: under DDP the first micro-batch's backward runs in no_sync (with
+    hpcml's MPI comm hook registered) and the second's reduces the sum; the flat path sums both into its
+    buffer and reduces once. The step is one process's on the whole batch, as 4 ranks x 1 micro-batch is
+    (the test above)."""
+    two = train(tmp_path, ranks=2, extra=["train.grad_accum_steps=2", *(f"train.{kv}" for kv in sync.split())])
+    for name, expected in one_process.items():
+        torch.testing.assert_close(two[name], expected, rtol=1e-4, atol=1e-5, msg=f"{name} differs")
+
+
+@pytest.mark.mpi
 def test_three_ranks_average_too(one_process, tmp_path):
     """With a world size that is not a power of two, folding 1/N into the loss is not bitwise the same as
     dividing the sum, but it is the same mean to float precision."""

@@ -17,16 +17,20 @@ CPU = torch.device("cpu")
 STEPS = 12
 
 
-def batches(dataset, world_size, workers, start=0, seed=0):
-    """Global batches start..STEPS-1: every rank's batch, concatenated in rank order."""
+def batches(dataset, world_size, workers, start=0, seed=0, micro_batches=1):
+    """Global batches start..STEPS-1: every rank's micro-batches, concatenated in rank order."""
     stream = GlobalBatchStream(len(dataset), 32, seed)
     sources = [
-        BatchSource(dataset, stream, rank, world_size, CPU, seed, LoaderConfig(num_workers=workers), STEPS)
+        BatchSource(
+            dataset, stream, rank, world_size, CPU, seed, LoaderConfig(num_workers=workers), STEPS,
+            micro_batches=micro_batches,
+        )
         for rank in range(world_size)
-    ]
+    ]  # fmt: skip
     out = []
     for step in range(start, STEPS):
-        parts = [source.next_batch(step) for source in sources]
+        parts = [micro for source in sources for micro in source.next_batch(step)]
+        assert len(parts) == world_size * micro_batches
         out.append({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
     for source in sources:
         source.close()
@@ -47,6 +51,20 @@ def test_augmented_samples_are_the_same_at_any_world_size_and_worker_count(world
     assert_same(batches(data, world_size, workers), reference)
 
 
+@pytest.mark.parametrize("world_size, workers", [(2, 0), (2, 2)])
+def test_micro_batches_split_each_ranks_share_without_changing_a_sample(world_size, workers):
+    """Gradient accumulation reads the same samples with the same augmentation, in the same order."""
+    data = Waves(size=200, noise=0.5)
+    assert_same(batches(data, world_size, workers, micro_batches=4), batches(data, 1, 0))
+
+
+def test_micro_batches_that_do_not_split_evenly_are_refused():
+    from hpcml.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"16 samples, which do not split into train.grad_accum_steps=3"):
+        GlobalBatchStream(200, 32, 0).micro_batches(0, 0, 2, 3)
+
+
 def test_a_resumed_loader_continues_the_same_stream():
     data = Waves(size=200, noise=0.5)
     assert_same(batches(data, 2, 2, start=7), batches(data, 2, 2)[7:])  # crosses the epoch boundary at step 6
@@ -65,7 +83,7 @@ def test_peek_reads_what_the_loader_delivers_and_reading_never_moves_the_callers
     np.random.seed(5)
     random.seed(5)
     assert torch.equal(torch.rand(1), after[0]) and (np.random.rand(), random.random()) == after[1:]
-    assert_same([source.next_batch(0)], [peeked])
+    assert_same(source.next_batch(0), [peeked])
 
 
 def test_a_worker_that_fails_fails_the_batch_with_its_error():
@@ -83,7 +101,8 @@ def test_in_memory_tensors_take_the_direct_path_and_give_the_same_batches():
     loaded = BatchSource(tensors, stream, 1, 2, CPU, 0, LoaderConfig(num_workers=1), 4)
     assert direct.direct and not loaded.direct
     for step in range(4):
-        assert all(torch.equal(a, b) for a, b in zip(direct.next_batch(step), loaded.next_batch(step), strict=True))
+        (a,), (b,) = direct.next_batch(step), loaded.next_batch(step)
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def children_of_this_process() -> list[int]:

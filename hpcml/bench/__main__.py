@@ -22,6 +22,7 @@ BENCHMARKS = {
     "allreduce": "hpcml.bench.allreduce",
     "training": "hpcml.bench.training",
     "seam": "hpcml.bench.seam",
+    "lm": "hpcml.bench.lm",
     "checkpoints": "hpcml.bench.checkpoints",
     "startup": "hpcml.bench.startup",
     "submission": "hpcml.bench.submission",

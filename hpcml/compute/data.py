@@ -60,6 +60,34 @@ class GlobalBatchStream:
         share = self.global_batch_size // world_size
         return self.global_batch(step)[rank * share : (rank + 1) * share]
 
+    def micro_batches(self, step: int, rank: int, world_size: int, count: int) -> list[np.ndarray]:
+        """This rank's slice of global batch `step`, in `count` equal consecutive micro-batches (gradient
+        accumulation): the same samples as `rank_batch`, whatever the count."""
+        share = self.rank_batch(step, rank, world_size)
+        if count == 1:
+            return [share]
+        if len(share) % count:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} over {world_size} ranks gives each rank "
+                f"{len(share)} samples, which do not split into train.grad_accum_steps={count} equal micro-batches; "
+                f"make the global batch a multiple of {world_size * count}."
+            )
+        return np.split(share, count)
+
+    def state_dict(self) -> dict[str, int]:
+        """What the stream is: a resume must continue the same one, not another of the same length."""
+        return {"num_samples": self.num_samples, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int] | None) -> None:
+        if state is None:  # written before the stream was recorded
+            return
+        if state != self.state_dict():
+            raise ConfigError(
+                f"the checkpoint's sample stream had {state['num_samples']} training samples and train.seed="
+                f"{state['seed']}; this run has {self.num_samples} and {self.seed}, so it would continue another "
+                "stream. Resume with the same data and seed, or start fresh with checkpoint.resume=none."
+            )
+
     def samples_consumed(self, step: int) -> int:
         """The data position as a count of global samples, independent of the world size."""
         return step * self.global_batch_size

@@ -57,6 +57,22 @@ def broadcast_from_rank0(value: T, ctx: DistributedContext) -> T:
     return box[0]
 
 
+def same_on_every_rank(value: T, what: str, ctx: DistributedContext) -> T:
+    """`value`, checked equal on every rank (a collective): a node whose files, environment or code differ
+    (another Python, another copy of the data) is refused before it trains on something else."""
+    values = [value]
+    if ctx.world_size > 1:
+        values = [None] * ctx.world_size
+        dist.all_gather_object(values, value)
+    if any(v != values[0] for v in values):
+        shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+        raise ConfigError(
+            f"{what} differs between ranks ({shown}); every node must see the same data and code (a shared "
+            "filesystem, the same environment)."
+        )
+    return value
+
+
 def select_backend(requested: str, cuda_available: bool) -> str:
     """nccl when CUDA is there, gloo otherwise; an explicit request is honoured or refused clearly."""
     if requested == "auto":

@@ -1,6 +1,6 @@
 """Deliberate faults (`fault.*`) for the fault tests and for drills on a real cluster: a rank that raises,
 hangs or crashes at start-up, a save killed half-way, a slowed step. They hook into the Trainer from outside
-its loop (`Trainer.after_step`, `Trainer.before_save`), so a run that drills nothing runs none of this."""
+its loop (`Trainer.after_step`, `between_micro_batches`, `before_save`), so a run that drills nothing runs none of this."""
 
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ def install_fault_drills(trainer: Trainer, fault: FaultConfig) -> None:
         trainer.after_step.append(lambda t: after_step(t, fault))
     if fault.kill_during_save_at_step is not None:
         trainer.before_save.append(lambda t: kill_during_save(t, fault))
+    if fault.pause_between_micro_batches_at_step is not None:
+        trainer.between_micro_batches.append(pause_between_micro_batches(fault.pause_between_micro_batches_at_step))
 
 
 def after_step(trainer: Trainer, fault: FaultConfig) -> None:
@@ -71,3 +73,22 @@ def kill_during_save(trainer: Trainer, fault: FaultConfig) -> None:
     (partial / ckpt.STATE_FILE).write_bytes(b"half a checkpoint")
     log.error("fault.kill_during_save_at_step=%d: killing rank 0 in the middle of a save", trainer.step)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+# How long a drilled pause between micro-batches lasts: time for a test to see it and interrupt.
+MICRO_BATCH_PAUSE_S = 8.0
+
+
+def pause_between_micro_batches(step: int):
+    """fault.pause_between_micro_batches_at_step: after the first micro-batch of `step`, say so and wait, so
+    that a test can land an interrupt in the middle of a step (it must stop at the step's end)."""
+    paused = False
+
+    def hook(trainer: Trainer) -> None:
+        nonlocal paused
+        if trainer.step + 1 == step and not paused:
+            paused = True
+            log.warning("fault.pause_between_micro_batches_at_step: pausing between micro-batches of step %d", step)
+            time.sleep(MICRO_BATCH_PAUSE_S)
+
+    return hook

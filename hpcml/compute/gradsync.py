@@ -11,6 +11,7 @@ is a full pass over them (for a power-of-two N the result is bitwise the same).
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
 from typing import Protocol
@@ -49,6 +50,9 @@ class GradientSync(Protocol):
 
     def synchronize(self) -> None:
         """After backward: every rank holds the same averaged gradients when this returns."""
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Backward inside it only accumulates gradients locally (every micro-batch but a step's last)."""
 
     def settle(self, loss_of: Callable[[nn.Module], torch.Tensor]) -> None:
         """Once before the first step (a fresh run or a resume): lay out buffers and choose transports."""
@@ -132,6 +136,9 @@ class DDPGradientSync:
     def synchronize(self) -> None:
         """Nothing to do: DDP's hooks reduced every bucket during backward."""
 
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return self.module.no_sync()
+
     def state_dict(self) -> dict:
         return self.selector.state_dict()
 
@@ -206,6 +213,10 @@ class FlatGradientSync:
         """The transport probe (auto), at the buffer's size: its layout never changes."""
         self.selector.decide([min(self.nbytes, FLAT_PROBE_MAX_BYTES)], rounds=FLAT_PROBE_ROUNDS)
 
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Backward only ever accumulates into the flat buffer; synchronize() is what reduces it."""
+        return contextlib.nullcontext()
+
     def synchronize(self) -> None:
         if self.selector.for_bytes(self.nbytes) == transport.TORCH:
             dist.all_reduce(self.flat_grad)
@@ -232,6 +243,9 @@ class NoGradientSync:
 
     def synchronize(self) -> None:
         """Nothing to do."""
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     def settle(self, loss_of: Callable[[nn.Module], torch.Tensor]) -> None:
         """Nothing to settle: no buckets."""

@@ -92,25 +92,31 @@ class SeededSamples(Dataset):
 
 
 class RankBatchSampler(Sampler[list[SampleKey]]):
-    """This rank's share of every global batch from `start_step` on, as (step, index) keys."""
+    """This rank's share of every global batch from `start_step` on, as (step, index) keys: one list per
+    micro-batch, `micro_batches` of them per step."""
 
-    def __init__(self, stream: GlobalBatchStream, rank: int, world_size: int, start_step: int, steps: int):
+    def __init__(
+        self, stream: GlobalBatchStream, rank: int, world_size: int, start_step: int, steps: int, micro_batches: int = 1
+    ):
         self.stream, self.rank, self.world_size = stream, rank, world_size
-        self.start_step, self.steps = start_step, steps
+        self.start_step, self.steps, self.micro_batches = start_step, steps, micro_batches
 
-    def keys(self, step: int) -> list[SampleKey]:
-        return [(step, int(i)) for i in self.stream.rank_batch(step, self.rank, self.world_size)]
+    def keys(self, step: int) -> list[list[SampleKey]]:
+        """The keys of each micro-batch of `step`."""
+        parts = self.stream.micro_batches(step, self.rank, self.world_size, self.micro_batches)
+        return [[(step, int(i)) for i in part] for part in parts]
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
         for step in range(self.start_step, self.steps):
-            yield self.keys(step)
+            yield from self.keys(step)
 
     def __len__(self) -> int:
-        return max(0, self.steps - self.start_step)
+        return max(0, self.steps - self.start_step) * self.micro_batches
 
 
 class BatchSource:
-    """This rank's batch of each step, on its device, in step order; `peek` reads one without advancing."""
+    """This rank's micro-batches of each step (one without gradient accumulation), on its device, in step
+    order; `peek` reads a step's first without advancing."""
 
     def __init__(
         self,
@@ -124,8 +130,10 @@ class BatchSource:
         steps: int,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         stop_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR2),
+        micro_batches: int = 1,
     ):
         self.dataset, self.stream, self.rank, self.world_size, self.device = dataset, stream, rank, world_size, device
+        self.micro_batches = micro_batches
         self.cfg, self.steps, self.stop_signals = cfg, steps, tuple(int(s) for s in stop_signals)
         self.collate = collate_fn or default_collate
         # In-memory tensors need no workers: indexing a whole batch at once is faster than any loader.
@@ -136,29 +144,33 @@ class BatchSource:
         # Seconds spent waiting for batches since the last `take_wait_s`: the loader's share of a step.
         self._wait_s = 0.0
 
-    def peek(self, step: int) -> Any:
-        """Batch `step`, read in this process: what `next_batch` will give for it (the settling step)."""
-        if self.direct:
-            return to_device(
-                gather(self.dataset, self.stream.rank_batch(step, self.rank, self.world_size)), self.device
-            )
-        keys = [(step, int(i)) for i in self.stream.rank_batch(step, self.rank, self.world_size)]
-        return to_device(self.seeded.read_batch(keys, self.collate), self.device)
+    def _indices(self, step: int) -> list[np.ndarray]:
+        return self.stream.micro_batches(step, self.rank, self.world_size, self.micro_batches)
 
-    def next_batch(self, step: int) -> Any:
-        started = time.perf_counter()
+    def _read_here(self, step: int, indices: np.ndarray) -> Any:
+        """One batch of `indices`, read in this process."""
         if self.direct:
-            batch = gather(self.dataset, self.stream.rank_batch(step, self.rank, self.world_size))
-        elif self.cfg.num_workers == 0:
-            batch = self.peek(step)
+            return gather(self.dataset, indices)
+        return self.seeded.read_batch([(step, int(i)) for i in indices], self.collate)
+
+    def peek(self, step: int) -> Any:
+        """The first micro-batch of `step`, read in this process: what `next_batch` will give for it (the
+        settling step)."""
+        return to_device(self._read_here(step, self._indices(step)[0]), self.device)
+
+    def next_batch(self, step: int) -> list[Any]:
+        """Every micro-batch of `step`, on the device."""
+        started = time.perf_counter()
+        if self.direct or self.cfg.num_workers == 0:
+            batches = [self._read_here(step, part) for part in self._indices(step)]
         else:
             if self._loader is None or step != self._next_step:
                 self._loader = self._start_workers(step)
-            batch = next(self._loader)
+            batches = [next(self._loader) for _ in range(self.micro_batches)]
         self._next_step = step + 1
-        batch = to_device(batch, self.device)
+        batches = [to_device(batch, self.device) for batch in batches]
         self._wait_s += time.perf_counter() - started
-        return batch
+        return batches
 
     def _start_workers(self, start_step: int) -> Iterator[Any]:
         """A loader iterator from `start_step`, its workers forked with the stop signals blocked: a signal in
@@ -183,7 +195,9 @@ class BatchSource:
         c = self.cfg
         return DataLoader(
             self.seeded,
-            batch_sampler=RankBatchSampler(self.stream, self.rank, self.world_size, start_step, self.steps),
+            batch_sampler=RankBatchSampler(
+                self.stream, self.rank, self.world_size, start_step, self.steps, self.micro_batches
+            ),
             num_workers=c.num_workers,
             collate_fn=self.collate,
             pin_memory=c.pin_memory and self.device.type == "cuda",
@@ -192,4 +206,8 @@ class BatchSource:
             multiprocessing_context=c.multiprocessing_context,
             timeout=c.timeout_s,
             worker_init_fn=functools.partial(ignore_stop_signals, self.stop_signals),
+            # Starting an iterator draws the workers' base seed from this generator; from the global one it
+            # would move the rank's random stream (dropout) at a resume's first step and not at step 0, and the
+            # resumed run would differ. The workers' own streams do not matter: every sample is seeded.
+            generator=torch.Generator().manual_seed(self.seeded.seed),
         )

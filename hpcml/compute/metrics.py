@@ -109,3 +109,18 @@ class StepMetricsAverager:
             dist.all_reduce(values)
             values /= ctx.world_size
         return dict(zip(["loss", *names], values.tolist(), strict=True))
+
+
+def mean_over_micro_batches(metrics: list[dict[str, Any]], task_name: str) -> dict[str, torch.Tensor]:
+    """A step's metrics from each of its micro-batches (gradient accumulation), averaged: the same names
+    from every micro-batch, or the step would log one micro-batch's value as the step's."""
+    names = set(metrics[0])
+    if any(set(m) != names for m in metrics):
+        raise ConfigError(
+            f"{task_name}.training_step returned different metric names for the micro-batches of one step "
+            f"({', '.join(str(sorted(m)) for m in metrics)}); return the same names for every batch."
+        )
+    return {
+        name: torch.stack([torch.as_tensor(m[name]).detach().to(torch.float32) for m in metrics]).mean()
+        for name in names
+    }

@@ -8,6 +8,7 @@ The loop chooses nothing: the task, data, model, optimizer and schedule come bui
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import signal
@@ -22,12 +23,13 @@ import torch.distributed as dist
 
 from hpcml.compute import checkpoint as ckpt
 from hpcml.compute.data import GlobalBatchStream, eval_batches
-from hpcml.compute.dist import DistributedContext, broadcast_from_rank0
+from hpcml.compute.dist import DistributedContext, broadcast_from_rank0, same_on_every_rank
 from hpcml.compute.gradsync import make_gradient_sync
 from hpcml.compute.loader import BatchSource
 from hpcml.compute.loss_watch import NonFiniteLossWatch
-from hpcml.compute.metrics import MetricsWriter, StepMetricsAverager
+from hpcml.compute.metrics import MetricsWriter, StepMetricsAverager, mean_over_micro_batches
 from hpcml.compute.parts import RunParts, build_optimizer, build_parts, build_scheduler
+from hpcml.compute.precision import Precision
 from hpcml.compute.preempt import BoundaryDecision, StopCoordinator, StopReason
 from hpcml.compute.run_result import TrainingResult, parameters_checksum, write_result
 from hpcml.compute.tasks import split_step_output
@@ -82,7 +84,12 @@ class Trainer:
         parts = parts or build_parts(cfg, ctx.device)
         self.task, self.model, self.collate = parts.task, parts.model, parts.collate
         self.train_data, self.eval_data = parts.train_data, parts.eval_data
-        self.stream = GlobalBatchStream(len(self.train_data), cfg.train.global_batch_size, cfg.train.seed)
+        self.stream = GlobalBatchStream(
+            same_on_every_rank(len(self.train_data), "data.train's length", ctx),
+            cfg.train.global_batch_size,
+            cfg.train.seed,
+        )
+        self.stream.micro_batches(0, ctx.rank, ctx.world_size, cfg.train.grad_accum_steps)  # refuses a bad split
         self.batches = BatchSource(
             self.train_data,
             self.stream,
@@ -94,17 +101,26 @@ class Trainer:
             cfg.train.steps,
             self.collate,
             stop_signals=(signal.SIGTERM, parse_signal(cfg.preempt.signal)),
+            micro_batches=cfg.train.grad_accum_steps,
         )
         self.sync = make_gradient_sync(self.model, ctx, cfg.train)
+        # What each micro-batch runs forward through: the sync's module, compiled if asked.
+        self.forward_module = torch.compile(self.sync.module) if cfg.train.compile else self.sync.module
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.precision = Precision(cfg.train.precision, ctx.device)
+        # The last step's gradient norm before clipping (train.clip_grad_norm), logged with the step metrics.
+        self.grad_norm: torch.Tensor | None = None
         # Everything a checkpoint holds, by name: each has state_dict() and load_state_dict().
         self.stateful: dict[str, Any] = {
             "model": self.model,
             "optimizer": self.optimizer,
             "scheduler": self.scheduler,
             "grad_sync": self.sync,
+            "data_stream": self.stream,
         }
+        if self.precision.scaler is not None:
+            self.stateful["grad_scaler"] = self.precision
         if hasattr(self.task, "state_dict") and hasattr(self.task, "load_state_dict"):
             self.stateful["task"] = self.task
         self.loss_watch = NonFiniteLossWatch(ctx)
@@ -114,10 +130,11 @@ class Trainer:
             if ctx.is_main
             else None
         )
-        # Called with the trainer after each step, and at each save just before rank 0 hands the state to its
-        # writer (drills.py); empty in a normal run.
+        # Called with the trainer after each step, between a step's micro-batches, and at each save just before
+        # rank 0 hands the state to its writer (drills.py); empty in a normal run.
         self.after_step: list[Hook] = []
         self.before_save: list[Hook] = []
+        self.between_micro_batches: list[Hook] = []
         # A forward that updates buffers (BatchNorm statistics) changes checkpointed state.
         self._forward_changes_state = any(True for _ in self.model.buffers())
         self.step = 0
@@ -125,6 +142,7 @@ class Trainer:
         self._last_save_time = time.monotonic()
         self._save_estimate_s = INITIAL_SAVE_ESTIMATE_S
         self._step_estimate_s = 0.0
+        self._eval_estimate_s = 0.0
 
     # ------------------------------------------------------------ collectives
 
@@ -167,7 +185,10 @@ class Trainer:
         # Checkpoints of earlier versions also hold "scaler": None (an unused mixed-precision slot); never read.
         state = loaded.train_state
         for name, obj in self.stateful.items():
-            if name not in state and name != "grad_sync":  # checkpoints before grad_sync state lack it: fine
+            if name == "grad_scaler" and name not in state:
+                # Written without fp16: the loss scale starts afresh, as it did when that run started.
+                log.warning("%s holds no fp16 loss scale (it was written with another precision): starting one", path)
+            elif name not in state and name not in ("grad_sync", "data_stream"):  # older checkpoints lack these
                 raise ConfigError(
                     f"{path} holds no {name!r} state (it holds {', '.join(sorted(state))}): it was written by a run "
                     f"with another {name}. Resume with the same config, or start fresh with checkpoint.resume=none."
@@ -241,23 +262,42 @@ class Trainer:
         return split_step_output(self.task.training_step(module, batch), f"{type(self.task).__name__}.training_step")
 
     def train_step(self) -> tuple[torch.Tensor, Any]:
-        """One step: the task's loss on this rank's batch, gradients averaged, the optimizer and schedule
-        stepped. Returns the loss (detached) and the task's step metrics."""
-        batch = self.batch(self.step)
+        """One step: the task's loss on each of this rank's micro-batches (one, without accumulation), their
+        gradients summed locally and averaged across ranks once, after the last; clipped by their global norm
+        if asked; the optimizer and schedule stepped. Returns the loss (detached) and the task's step metrics,
+        each the mean over the micro-batches."""
+        micro_batches = self.batch(self.step)
+        count = len(micro_batches)
         self.sync.zero_grad(self.optimizer)
         if self._forward_changes_state:
             self._wait_checkpoint_staged()
-        loss, step_metrics = self.loss_and_metrics(self.sync.module, batch)
-        self.loss_watch.observe(loss, self.step + 1)
-        self.sync.backward(loss)
+        losses, step_metrics = [], []
+        for i, batch in enumerate(micro_batches):
+            last = i == count - 1
+            with contextlib.nullcontext() if last else self.sync.no_sync():
+                with self.precision.autocast():
+                    loss, metrics = self.loss_and_metrics(self.forward_module, batch)
+                self.loss_watch.observe(loss, self.step + 1)
+                # Each micro-batch's mean loss weighs 1/count: the sum is the mean over the rank's share.
+                self.sync.backward(self.precision.scale(loss / count if count > 1 else loss))
+            losses.append(loss.detach())
+            step_metrics.append(metrics)
+            if not last:
+                for hook in self.between_micro_batches:
+                    hook(self)
         self.sync.synchronize()
         self._wait_checkpoint_staged()
-        self.optimizer.step()
+        if self.cfg.train.clip_grad_norm:
+            self.precision.unscale_(self.optimizer)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad_norm)
+        self.precision.step(self.optimizer)
         self.scheduler.step()
         self.step += 1
         for hook in self.after_step:
             hook(self)
-        return loss.detach(), step_metrics
+        if count == 1:
+            return losses[0], step_metrics[0]
+        return torch.stack(losses).mean(), mean_over_micro_batches(step_metrics, type(self.task).__name__)
 
     def settle(self) -> None:
         """Before the first step of a run or a resume: the gradient sync lays out its buffers and chooses its
@@ -269,7 +309,8 @@ class Trainer:
         rng = ckpt.capture_rng_state()
         task_state = copy.deepcopy(self.task.state_dict()) if "task" in self.stateful else None
         batch = self.batch(self.step, peek=True)
-        self.sync.settle(lambda module: self.loss_and_metrics(module, batch)[0])
+        with self.precision.autocast():
+            self.sync.settle(lambda module: self.loss_and_metrics(module, batch)[0])
         ckpt.restore_rng_state(rng)
         if task_state is not None:
             self.task.load_state_dict(task_state)
@@ -280,12 +321,19 @@ class Trainer:
         if self.writer is not None:
             self.writer.wait_staged()
 
+    def evaluates_after(self, step: int) -> bool:
+        """Whether the loop evaluates after `step` (train.eval_every_steps; the last step's is the final one)."""
+        every = self.cfg.train.eval_every_steps
+        return bool(every) and step % every == 0 and step < self.cfg.train.steps
+
     def boundary_decision(self) -> BoundaryDecision:
         """Whether to stop or save after this step, the same on every rank (a collective: every rank calls it)."""
         save_due = self.periodic_save_due()
         if self.stop is None:
             return BoundaryDecision(StopReason.NONE, save_due)
-        return self.stop.agree(self._save_estimate_s, self._step_estimate_s, save_due)
+        # The deadline must leave room for the next step, and for the evaluation after it if one is due.
+        next_step_s = self._step_estimate_s + (self._eval_estimate_s if self.evaluates_after(self.step + 1) else 0.0)
+        return self.stop.agree(self._save_estimate_s, next_step_s, save_due)
 
     def global_mean(self, value: torch.Tensor) -> float:
         if self.ctx.world_size > 1:
@@ -299,12 +347,20 @@ class Trainer:
         """The task's metrics on the eval dataset, computed alike on every rank; {} without one."""
         if self.eval_data is None:
             return {}
+        # An evaluation draws nothing from the training's random streams: a run that evaluates every N steps
+        # trains exactly as one that does not, and a resume needs no record of evaluations.
+        # Each module's own mode comes back afterwards, not train() everywhere: a user may keep parts frozen in
+        # eval mode (BatchNorm statistics, dropout), and an evaluation mid-run must not unfreeze them.
+        rng, modes = ckpt.capture_rng_state(), {m: m.training for m in self.model.modules()}
         self.model.eval()
         try:
             batches = eval_batches(self.eval_data, self.cfg.train.eval_batch_size, self.ctx.device, self.collate)
-            found = self.task.evaluate(self.model, batches)
+            with self.precision.autocast():
+                found = self.task.evaluate(self.model, batches)
         finally:
-            self.model.train()
+            for module, training in modes.items():
+                module.training = training
+            ckpt.restore_rng_state(rng)
         try:
             # Numbers of any kind: floats, numpy scalars, one-element tensors.
             return {str(k): float(v) for k, v in found.items()}
@@ -376,6 +432,11 @@ class Trainer:
                 metrics.write(self.step, self.logged_metrics(trained.last_loss, step_metrics, window_steps, window_s))
                 window_start, window_steps = time.perf_counter(), 0
             self._step_estimate_s = 0.9 * self._step_estimate_s + 0.1 * (time.perf_counter() - step_started)
+            if self.evaluates_after(self.step):
+                started = time.perf_counter()
+                metrics.write(self.step, self.evaluate())
+                self._eval_estimate_s = time.perf_counter() - started
+                window_start += self._eval_estimate_s  # the logged throughput is training's alone
             decision = self.boundary_decision()
             if decision.stop is not StopReason.NONE:
                 log.warning("stopping at step %d (%s): saving a checkpoint", self.step, decision.stop.name.lower())
@@ -397,4 +458,5 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0],
             # Rank 0's time waiting for batches, as a share of the steps' time.
             "loader_wait": self.batches.take_wait_s() / max(seconds, 1e-9),
+            **({"grad_norm": float(self.grad_norm)} if self.grad_norm is not None else {}),
         }

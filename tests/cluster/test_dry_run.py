@@ -40,3 +40,16 @@ def test_hpcml_submit_dry_run_prints_the_script_and_submits_nothing():
     assert done.stdout.startswith("#!/bin/bash") and "#SBATCH --nodes=2" in done.stdout
     assert "#SBATCH --array" not in done.stdout
     assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
+
+
+def test_a_learning_rate_sweep_of_the_lm_goes_out_as_one_array(tmp_path):
+    """`+experiment=lm` composes with a sweep as any config does: three LM trials, one array."""
+    done = run_sweep(
+        "+experiment=lm",
+        "cluster=local",
+        "optim.lr=0.001,0.003,0.01",
+        "launch.dry_run=true",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("#!/bin/bash") == 1 and "#SBATCH --array=0-2" in done.stdout

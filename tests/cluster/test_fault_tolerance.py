@@ -13,76 +13,23 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster_jobs import SAME_TRANSPORT, finish, interrupt, job_id_of, new_out, rank0_log, submit, wait_for_step
 from helpers import (
     PYTHON,
     ROOT,
     TRAIN,
     assert_nothing_lost,
     attempts,
-    last_logged_step,
     mpi_env,
     read_result,
     site_policy,
 )
 from user_code import USE
 
-SLOW = ["train.steps=300", "fault.step_sleep_s=0.05", "checkpoint.every_steps=50"]
-# Independent runs are compared bitwise, so they must sum gradients in the same order: transport=auto
-# probes per run (a resumed run reuses its checkpoint's plan, so resume itself is exact either way).
-SAME_TRANSPORT = "train.transport=torch"
-
-
-def submit(out_dir, *overrides, wait=True):
-    cmd = [
-        PYTHON,
-        TRAIN,
-        "cluster=local",
-        f"launch.wait={str(wait).lower()}",
-        "launch.poll_s=1",
-        f"train.output_dir={out_dir}",
-        f"hydra.run.dir={out_dir}",
-        SAME_TRANSPORT,
-        *overrides,
-    ]
-    return subprocess.Popen(cmd, cwd=ROOT, env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def job_id_of(out_dir, timeout=60) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        logs = list((out_dir / "slurm").glob("*_submitted.pkl")) if (out_dir / "slurm").exists() else []
-        if logs:
-            return logs[0].name.split("_")[0]
-        time.sleep(0.5)
-    raise AssertionError("no job was submitted")
-
-
-def wait_for_step(out_dir, step, timeout=120):
-    deadline = time.monotonic() + timeout
-    while last_logged_step(out_dir) < step:
-        assert time.monotonic() < deadline, f"training never reached step {step}"
-        time.sleep(0.3)
-
-
-def rank0_log(out, job) -> str:
-    return (out / "slurm" / f"{job}_0_log.err").read_text()
-
-
-def finish(proc, timeout=420):
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, f"{out}\n{err}"
-    return out
-
-
-def new_out(name):
-    return ROOT / "outputs" / "test-runs" / f"{name}-{time.time_ns()}"
-
-
-@pytest.fixture(scope="module")
-def reference_sha():
-    out = new_out("reference")
-    finish(submit(out, "train.steps=300"))
-    return read_result(out)["params_sha256"]
+# Every run here trains STEPS steps; the slowed ones take 0.05 s a step at least, so that an interrupt lands
+# in the middle of training.
+STEPS = 200
+SLOW = [f"train.steps={STEPS}", "fault.step_sleep_s=0.05", "checkpoint.every_steps=50"]
 
 
 # A user's model with BatchNorm, a Dataset that draws random augmentation in __getitem__, read by two
@@ -91,27 +38,24 @@ USER_RUN = [*USE, "+model.batchnorm=true", "+data.train.noise=0.3", "loader.num_
 
 
 @pytest.fixture(scope="module")
-def user_reference_sha():
-    out = new_out("user-reference")
-    finish(submit(out, *USER_RUN, "train.steps=300"))
-    return read_result(out)["params_sha256"]
+def references() -> dict[str, str]:
+    """The uninterrupted runs the interrupted ones must equal, bitwise: the built-in model's and the user's.
+    Submitted together (each takes half the cluster's CPUs), and followed to the end."""
+    runs = {"builtin": (new_out("reference"), []), "user": (new_out("user-reference"), USER_RUN)}
+    running = {name: submit(out, *args, f"train.steps={STEPS}") for name, (out, args) in runs.items()}
+    for proc in running.values():
+        finish(proc)
+    return {name: read_result(out)["params_sha256"] for name, (out, _) in runs.items()}
 
 
-def interrupt(kind: str, job_id: str) -> None:
-    if kind == "scontrol_requeue":
-        subprocess.run(["scontrol", "requeue", job_id], check=True)
-    elif kind == "scancel_term":
-        # What the ranks of an srun job get when a preemption starts, or from a user.
-        subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
-    elif kind == "preemption":
-        # A job in the high-priority partition that needs every CPU: Slurm preempts ours to run it.
-        subprocess.run(
-            ["sbatch", "-p", "urgent", "-N2", "--ntasks-per-node=4", "-o", "/dev/null", "--wrap", "sleep 2"],
-            check=True,
-            capture_output=True,
-        )
-    else:
-        raise ValueError(kind)
+@pytest.fixture(scope="module")
+def reference_sha(references):
+    return references["builtin"]
+
+
+@pytest.fixture(scope="module")
+def user_reference_sha(references):
+    return references["user"]
 
 
 def test_every_kind_of_interrupt_in_one_run_of_user_code_resumes_bitwise_equal(user_reference_sha):
@@ -123,7 +67,7 @@ def test_every_kind_of_interrupt_in_one_run_of_user_code_resumes_bitwise_equal(u
     out = new_out("every-kind")
     proc = submit(out, *USER_RUN, *SLOW)
     job = job_id_of(out)
-    at = sorted(rng.sample(range(30, 260, 10), k=len(kinds)))
+    at = sorted(rng.sample(range(30, 170, 10), k=len(kinds)))
     for n, (step, kind) in enumerate(zip(at, kinds, strict=True)):
         wait_for_step(out, step)
         interrupt(kind, job)
@@ -142,7 +86,7 @@ def test_every_kind_of_interrupt_in_one_run_of_user_code_resumes_bitwise_equal(u
     assert history[-1] == "COMPLETED" and len(history) == len(kinds) + 1, history  # one restart per interrupt
     log = rank0_log(out, job)
     assert log.count("(signal): saving a checkpoint") == len(kinds), log[-3000:]
-    assert_nothing_lost(log, 300, attempts=len(kinds) + 1)
+    assert_nothing_lost(log, STEPS, attempts=len(kinds) + 1)
 
 
 def test_time_limit_with_no_warning_signal_saves_on_its_own_clock_and_requeues(reference_sha):
@@ -151,10 +95,10 @@ def test_time_limit_with_no_warning_signal_saves_on_its_own_clock_and_requeues(r
     out = new_out("deadline")
     proc = submit(
         out,
-        "train.steps=300",
-        # 60 s of sleep alone: more than a 1-minute attempt can do, however fast it starts (with 0.1 s a
+        f"train.steps={STEPS}",
+        # 60 s of sleep alone: more than a 1-minute attempt can do, however fast it starts (with half of it a
         # quick start once finished inside the first attempt's deadline).
-        "fault.step_sleep_s=0.2",
+        "fault.step_sleep_s=0.3",
         "cluster.time_min=1",
         "preempt.signal_lead_s=0",
         "preempt.deadline_margin_s=5",
@@ -169,14 +113,14 @@ def test_time_limit_with_no_warning_signal_saves_on_its_own_clock_and_requeues(r
     assert "TIMEOUT" not in history  # it always stopped itself before Slurm killed it
     log = rank0_log(out, job)
     assert "(deadline): saving a checkpoint" in log and "(signal)" not in log
-    assert_nothing_lost(log, 300, attempts=len(history))
+    assert_nothing_lost(log, STEPS, attempts=len(history))
 
 
 def test_kill_9_during_a_save_keeps_the_previous_checkpoint(reference_sha):
     out = new_out("kill9")
     proc = submit(
         out,
-        "train.steps=300",
+        f"train.steps={STEPS}",
         "fault.step_sleep_s=0.02",
         "checkpoint.every_steps=50",
         "fault.kill_during_save_at_step=150",
@@ -188,7 +132,7 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint(reference_sha):
     assert proc.returncode != 0
     assert attempts(job)[-1] == "FAILED"
     assert (out / "checkpoints" / ".step-150.partial").exists()
-    finish(submit(out, "train.steps=300"))
+    finish(submit(out, f"train.steps={STEPS}"))
     result = read_result(out)
     assert result["resumed_from_step"] == 100
     assert result["params_sha256"] == reference_sha and result["replicas_identical"]
@@ -237,13 +181,13 @@ def test_sbatch_mpirun_path_gets_the_time_limit_signal_through_its_trap(referenc
     # Slurm sends the warning at the first of its 30-s checks that finds at most lead + 30 s left: with
     # --time=1 and @25 that is 5-35 s into every attempt, and an attempt slowed by a loaded machine could
     # spend all of it starting up and never get far (measured: 20 attempts of one step each). With --time=2
-    # each attempt trains for 55 s or more first.
+    # and @55 it comes 35-65 s in: every attempt trains for 15 s or more first.
     job = sbatch_train(
         "--time=2",
-        "--signal=B:USR2@25",
+        "--signal=B:USR2@55",
         "sbatch/train.sbatch",
-        "train.steps=300",
-        # About 105 s of work: more than the first attempt can do before the warning (65-95 s in), in every case.
+        f"train.steps={STEPS}",
+        # About 70 s of work: more than the first attempt can do before the warning (35-65 s in), in every case.
         "fault.step_sleep_s=0.35",
         "preempt.deadline_margin_s=0",
         SAME_TRANSPORT,
@@ -255,7 +199,7 @@ def test_sbatch_mpirun_path_gets_the_time_limit_signal_through_its_trap(referenc
     result = read_result(ROOT / "outputs" / "runs" / f"sbatch-{job}")
     assert result["launcher"] == "Open MPI (mpirun)" and result["params_sha256"] == reference_sha
     assert result["replicas_identical"]
-    assert_nothing_lost(log, 300, attempts=len(history))
+    assert_nothing_lost(log, STEPS, attempts=len(history))
 
 
 # A TERM that reaches the batch shell, not only the ranks: `--full` signals the shell's process group,
@@ -300,7 +244,7 @@ def test_term_to_the_batch_shell_at_start_up_and_mid_training_is_survived_on_the
     log = rank0_log(out, job)
     assert "stopping at step 1 (signal): saving a checkpoint" in log
     assert len(re.findall(r"stopping at step \d+ \(signal\): saving a checkpoint", log)) == 2
-    assert_nothing_lost(log, 300, attempts=3)
+    assert_nothing_lost(log, STEPS, attempts=3)
 
 
 def test_term_to_the_batch_shell_at_start_up_and_mid_training_is_survived_on_the_mpirun_path(reference_sha):
@@ -332,7 +276,7 @@ def test_term_to_the_batch_shell_at_start_up_and_mid_training_is_survived_on_the
     result = read_result(run_dir)
     assert result["launcher"] == "Open MPI (mpirun)" and result["world_size"] == 4 and result["num_nodes"] == 2
     assert result["params_sha256"] == reference_sha and result["replicas_identical"]
-    assert_nothing_lost(log, 300, attempts=3)
+    assert_nothing_lost(log, STEPS, attempts=3)
 
 
 def test_a_real_cancel_ends_the_job_cancelled_and_never_requeues_it():
@@ -370,7 +314,7 @@ def test_a_site_with_job_requeue_0_and_preemption_that_cancels_still_gets_the_ru
     result = read_result(out)
     assert result["params_sha256"] == reference_sha and result["replicas_identical"]
     assert attempts(job) == ["REQUEUED", "COMPLETED"], attempts(job)
-    assert_nothing_lost(rank0_log(out, job), 300, attempts=2)
+    assert_nothing_lost(rank0_log(out, job), STEPS, attempts=2)
 
 
 def rank_pid(job: str, rank: int) -> int:
@@ -413,7 +357,7 @@ def test_a_preempted_array_task_and_one_rank_hearing_a_signal_both_resume_exactl
     while not rank_log[0].exists() or rank_log[0].read_text().count("resumed from") < 1:
         assert time.monotonic() < deadline, sweep_status(sweep)[0]
         time.sleep(0.5)
-    wait_for_step(trial, 180)
+    wait_for_step(trial, 140)
     os.kill(rank_pid(job, 2), signal.SIGTERM)
     deadline = time.monotonic() + 300
     while (row := sweep_status(sweep)[0]).state not in TERMINAL_STATES:
@@ -426,4 +370,4 @@ def test_a_preempted_array_task_and_one_rank_hearing_a_signal_both_resume_exactl
     assert len(stops[0]) == 2 and all(s == stops[0] for s in stops), stops  # each stop at one step on every rank
     log = rank_log[0].read_text()
     assert all(log.count(f"checkpoint step-{step} committed") == 1 for step in stops[0]), stops  # saved once each
-    assert_nothing_lost(log, 300, attempts=3)
+    assert_nothing_lost(log, STEPS, attempts=3)
