@@ -6,8 +6,6 @@ import signal
 import pytest
 import torch
 
-from hpcml.compute.dist import setup_distributed, teardown_distributed
-from hpcml.compute.env import SingleProcessEnvironment
 from hpcml.compute.preempt import Deadline, PreemptionGuard, StopCoordinator, StopReason
 from hpcml.compute.trainer import Trainer, parameters_checksum
 from hpcml.config import CheckpointConfig, TrainConfig, TrainJobConfig
@@ -15,11 +13,8 @@ from hpcml.errors import ConfigError
 
 
 @pytest.fixture
-def ctx(monkeypatch):
-    monkeypatch.delenv("MASTER_ADDR", raising=False)
-    context = setup_distributed(SingleProcessEnvironment({}), "gloo", 30)
-    yield context
-    teardown_distributed()
+def ctx(process_group):
+    return process_group
 
 
 def config(out, steps=60, **checkpoint) -> TrainJobConfig:

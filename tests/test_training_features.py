@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from hpcml.compute.checkpoint import STATE_FILE
-from hpcml.compute.dist import setup_distributed, teardown_distributed
-from hpcml.compute.env import SingleProcessEnvironment
 from hpcml.compute.preempt import Deadline, PreemptionGuard, StopCoordinator, StopReason
 from hpcml.compute.trainer import Trainer
 from hpcml.config import FaultConfig, LoaderConfig, TrainConfig, TrainJobConfig
@@ -22,11 +20,8 @@ from hpcml.errors import ConfigError
 
 
 @pytest.fixture
-def ctx(monkeypatch):
-    monkeypatch.delenv("MASTER_ADDR", raising=False)
-    context = setup_distributed(SingleProcessEnvironment({}), "gloo", 30)
-    yield context
-    teardown_distributed()
+def ctx(process_group):
+    return process_group
 
 
 # SGD, not Adam: Adam's update barely changes when every gradient is scaled alike, so a lost 1/N of the

@@ -11,7 +11,6 @@ ratio: the model FLOPs utilisation of hpcml's side against this machine's measur
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import statistics
 import time
@@ -24,7 +23,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from hpcml.bench import training
-from hpcml.bench.launch import Layout, run_worker
 from hpcml.bench.record import BenchResult, Figure
 from hpcml.compute.loader import RankBatchSampler
 from hpcml.compute.preempt import PreemptionGuard
@@ -174,10 +172,8 @@ VARIANTS = [
 def run(quick: bool, workdir: Path) -> BenchResult:
     budget_s, rounds = (0.5, 2) if quick else (2.0, 5)
     result = BenchResult("lm", quick, {"budget_s": budget_s, "rounds": rounds, "cpu_cores": os.cpu_count()})
-    args = ["--variants", json.dumps([asdict(v) for v in VARIANTS]), "--budget-s", str(budget_s)]
-    rows = run_worker(Layout.local(2), __name__, [*args, "--rounds", str(rounds)], timeout_s=1200, cwd=workdir)
-    result.measurements.extend(rows)
-    result.figures = figures_for(rows)
+    result.measurements.extend(training.measure_on_ranks(__name__, 2, VARIANTS, budget_s, rounds, workdir))
+    result.figures = figures_for(result.measurements)
     result.notes.append(
         "MFU here is against this CPU's float32 matmul rate, measured in the same run; on a GPU the gpu benchmark "
         "reports the LM in bf16 against the device."

@@ -10,7 +10,6 @@ is reported as the step against the same step minus its time waiting for batches
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from dataclasses import asdict, dataclass
@@ -23,7 +22,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from hpcml.bench import training
-from hpcml.bench.launch import Layout, run_worker
 from hpcml.bench.record import BenchResult, Figure
 from hpcml.compute.loader import RankBatchSampler
 from hpcml.compute.preempt import PreemptionGuard
@@ -172,10 +170,8 @@ VARIANTS = [Variant("user MLP on an augmenting Dataset", per_rank_batch=256, wor
 def run(quick: bool, workdir: Path) -> BenchResult:
     budget_s, rounds = (0.3, 2) if quick else (1.0, 5)
     result = BenchResult("seam", quick, {"budget_s": budget_s, "rounds": rounds, "cpu_cores": os.cpu_count()})
-    args = ["--variants", json.dumps([asdict(v) for v in VARIANTS]), "--budget-s", str(budget_s)]
-    rows = run_worker(Layout.local(2), __name__, [*args, "--rounds", str(rounds)], timeout_s=1200, cwd=workdir)
-    result.measurements.extend(rows)
-    result.figures = figures_for(rows)
+    result.measurements.extend(training.measure_on_ranks(__name__, 2, VARIANTS, budget_s, rounds, workdir))
+    result.figures = figures_for(result.measurements)
     result.notes.append(
         "both sides' DataLoader workers share this machine's cores with the ranks: on a node with cores to "
         "spare for workers the loader's share of a step is smaller."

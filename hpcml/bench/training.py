@@ -280,13 +280,20 @@ def figures_for(rows: list[dict]) -> list[Figure]:
     return figures
 
 
+def measure_on_ranks(
+    module: str, ranks: int, variants: list, budget_s: float, rounds: int, workdir: Path
+) -> list[dict]:
+    """Rank 0's rows for `variants`, measured by `python -m <module> --worker` (variants_worker) on `ranks`
+    local ranks (the training, seam and lm benchmarks)."""
+    args = ["--variants", json.dumps([asdict(v) for v in variants]), "--budget-s", str(budget_s)]
+    return run_worker(Layout.local(ranks), module, [*args, "--rounds", str(rounds)], timeout_s=1800, cwd=workdir)
+
+
 def run(quick: bool, workdir: Path) -> BenchResult:
     budget_s, rounds = (0.15, 2) if quick else (0.5, 3)
     result = BenchResult("training", quick, {"budget_s": budget_s, "rounds": rounds, "cpu_cores": os.cpu_count()})
     for ranks, variants in plan(quick).items():
-        args = ["--variants", json.dumps([asdict(v) for v in variants]), "--budget-s", str(budget_s)]
-        rows = run_worker(Layout.local(ranks), __name__, [*args, "--rounds", str(rounds)], timeout_s=1800, cwd=workdir)
-        result.measurements.extend(rows)
+        result.measurements.extend(measure_on_ranks(__name__, ranks, variants, budget_s, rounds, workdir))
     result.figures = figures_for(result.measurements)
     cores = os.cpu_count() or 1
     if cores < 4:
