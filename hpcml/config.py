@@ -25,7 +25,7 @@ from hpcml.errors import ConfigError
 from hpcml.signal_names import parse_signal
 
 BACKENDS = ("auto", "gloo", "nccl")
-GRAD_SYNCS = ("ddp", "flat")
+GRAD_SYNCS = ("ddp", "flat", "fsdp")
 TRANSPORTS = ("auto", "torch", "mpi")
 PRECISIONS = ("fp32", "bf16", "fp16")
 RESUME_MODES = ("auto", "none")
@@ -230,9 +230,14 @@ class TrainConfig:
     compile: bool = False
     # auto: nccl when CUDA is there (one GPU per rank), gloo otherwise.
     backend: str = "auto"
-    # ddp: torch DistributedDataParallel (bucketed all-reduces overlap backward); flat: all gradients in one
-    # buffer, summed by one all-reduce after backward.
+    # How the ranks share the training. Replicated (each rank holds the whole model): ddp, torch's
+    # DistributedDataParallel (bucketed all-reduces overlap backward), or flat (all gradients in one buffer,
+    # summed by one all-reduce after backward). Sharded: fsdp, torch's FSDP2 (parameters, gradients and
+    # optimizer state split across the ranks, for models too big for one; checkpoints are sharded too).
     grad_sync: str = "ddp"
+    # fsdp: free each unit's gathered parameters after its forward (least memory; backward gathers them
+    # again) or keep them until backward (one all-gather fewer per unit and step, more memory).
+    fsdp_reshard_after_forward: bool = True
     # DDP's gradient bucket size and whether grads alias the buckets (saves a copy per step).
     ddp_bucket_cap_mb: float = 25.0
     gradient_as_bucket_view: bool = True
@@ -267,6 +272,17 @@ class TrainConfig:
         )
         _one_of("train.grad_sync", self.grad_sync, GRAD_SYNCS)
         _one_of("train.transport", self.transport, TRANSPORTS)
+        if self.grad_sync == "fsdp":
+            _require(
+                self.transport != "mpi",
+                "train.transport=mpi carries all-reduces of replicated gradients; train.grad_sync=fsdp reduce-scatters "
+                "sharded ones over the process group. Use train.transport=auto or torch with fsdp.",
+            )
+            _require(
+                self.precision != "fp16",
+                "train.precision=fp16 needs a loss scaler, which hpcml does not run over sharded gradients; with "
+                "train.grad_sync=fsdp use train.precision=bf16 (no scaler needed) or fp32.",
+            )
 
 
 LOADER_CONTEXTS = ("fork", "forkserver", "spawn")
@@ -373,6 +389,8 @@ class FaultConfig:
     # Rank `rank` stops answering at this step (sleeps for good, as a rank stuck in I/O or a driver does):
     # its peers' next collective must fail after train.dist_timeout_s instead of hanging.
     hang_at_step: int | None = None
+    # SIGKILL in the middle of the save at this step (first attempt only): rank 0 of a replicated save, rank
+    # `rank` of a sharded one (once its shard is on disk, before the commit).
     kill_during_save_at_step: int | None = None
     rank: int = 0
     # Slow each step down (seconds), so that tests can interrupt a run at a chosen moment.
@@ -419,6 +437,11 @@ class TrainJobConfig:
             self.fault.pause_between_micro_batches_at_step is None or self.train.grad_accum_steps > 1,
             "fault.pause_between_micro_batches_at_step needs train.grad_accum_steps of 2 or more: with one "
             "micro-batch a step has no in-between.",
+        )
+        _require(
+            not (self.train.grad_sync == "fsdp" and self.checkpoint.async_save),
+            "checkpoint.async_save=true is not available with train.grad_sync=fsdp yet: sharded checkpoints are "
+            "written by every rank in parallel, at the step boundary. Set checkpoint.async_save=false.",
         )
         if self.cluster.submit:
             world = self.cluster.world_size

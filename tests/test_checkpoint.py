@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hpcml.compute import checkpoint as ckpt
+from hpcml.compute.checkpoint import replicated
 from hpcml.fileio import CHECKSUMS, digest_of
 
 CPU = torch.device("cpu")
@@ -109,7 +110,7 @@ def test_async_writer_snapshots_and_never_runs_two_writes_at_once(tmp_path, monk
             with lock:
                 concurrent[0] -= 1
 
-    monkeypatch.setattr(ckpt, "write_checkpoint", tracked)
+    monkeypatch.setattr(replicated, "write_checkpoint", tracked)
     writer = ckpt.CheckpointWriter(tmp_path, keep_last=10, asynchronous=True)
     for step in range(1, 6):
         writer.submit(ckpt.snapshot(step, step, 1, 1, live, [ckpt.capture_rng_state()], copy=True))
@@ -163,7 +164,7 @@ def test_a_failed_background_write_surfaces_on_the_training_thread(tmp_path, mon
     def broken(directory, s):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "write_checkpoint", broken)
+    monkeypatch.setattr(replicated, "write_checkpoint", broken)
     writer = ckpt.CheckpointWriter(tmp_path, keep_last=1, asynchronous=True)
     writer.submit(snap(1))
     with pytest.raises(Exception, match="disk full"):

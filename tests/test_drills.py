@@ -8,8 +8,14 @@ from hpcml.compute.drills import install_fault_drills
 from hpcml.config import FaultConfig
 
 
-def fake_trainer(rank=0, step=0):
-    return SimpleNamespace(step=step, ctx=SimpleNamespace(rank=rank, is_main=rank == 0), after_step=[], before_save=[])
+def fake_trainer(rank=0, step=0, sharded=False):
+    return SimpleNamespace(
+        step=step,
+        ctx=SimpleNamespace(rank=rank, is_main=rank == 0),
+        after_step=[],
+        before_save=[],
+        checkpoints=SimpleNamespace(sharded=sharded, before_commit=[]),
+    )
 
 
 def test_a_run_that_drills_nothing_gets_no_hooks():
@@ -36,3 +42,10 @@ def test_kill_during_save_hooks_into_saves_only():
     install_fault_drills(trainer, FaultConfig(kill_during_save_at_step=150))
     assert trainer.after_step == [] and len(trainer.before_save) == 1
     trainer.before_save[0](trainer)  # step 0: not the drilled step, so this process lives on
+
+
+def test_kill_during_a_sharded_save_hooks_in_after_the_shards_are_written(tmp_path):
+    trainer = fake_trainer(rank=1, sharded=True)
+    install_fault_drills(trainer, FaultConfig(kill_during_save_at_step=150, rank=1))
+    assert trainer.before_save == [] and len(trainer.checkpoints.before_commit) == 1
+    trainer.checkpoints.before_commit[0](tmp_path)  # step 0: not the drilled step, so this process lives on

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hpcml.compute.preempt import Deadline, PreemptionGuard, StopCoordinator, StopReason
+from hpcml.compute.run_checkpoints import RunCheckpoints
 from hpcml.compute.trainer import Trainer, parameters_checksum
 from hpcml.config import CheckpointConfig, TrainConfig, TrainJobConfig
 from hpcml.errors import ConfigError
@@ -70,8 +71,8 @@ def test_a_checkpoint_holding_the_old_scaler_entry_still_resumes(ctx, tmp_path, 
     """Earlier versions wrote "scaler": None into every train state; such checkpoints resume exactly."""
     reference = Trainer(config(tmp_path / "ref"), ctx).fit().result.params_sha256
     out = tmp_path / "run"
-    current = Trainer.train_state
-    monkeypatch.setattr(Trainer, "train_state", lambda self: {**current(self), "scaler": None})
+    current = RunCheckpoints.replicated_state
+    monkeypatch.setattr(RunCheckpoints, "replicated_state", lambda self: {**current(self), "scaler": None})
     assert run_interrupted(ctx, out, 23).step == 23
     monkeypatch.undo()
     final = Trainer(config(out), ctx).fit().result

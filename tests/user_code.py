@@ -58,6 +58,17 @@ class TwoHeads(nn.Module):
         return torch.cat([head(h) for head in self.heads], dim=1)
 
 
+class DeclaredUnits(TwoHeads):
+    """TwoHeads that names its own FSDP units: its body alone, or (`stray`) a module that is not part of it."""
+
+    def __init__(self, stray: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.stray = stray
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return [nn.Linear(1, 1)] if self.stray else [self.body]
+
+
 class Regression:
     """Mean squared error, a step metric (mean absolute error) and evaluation metrics of its own; it counts
     the samples it trained on, as state that must survive a resume."""

@@ -1,6 +1,7 @@
 """Deliberate faults (`fault.*`) for the fault tests and for drills on a real cluster: a rank that raises,
 hangs or crashes at start-up, a save killed half-way, a slowed step. They hook into the Trainer from outside
-its loop (`Trainer.after_step`, `between_micro_batches`, `before_save`), so a run that drills nothing runs none of this."""
+its loop (`Trainer.after_step`, `between_micro_batches`, `before_save`, and a sharded save's
+`before_commit`), so a run that drills nothing runs none of this."""
 
 from __future__ import annotations
 
@@ -42,7 +43,10 @@ def install_fault_drills(trainer: Trainer, fault: FaultConfig) -> None:
     ):
         trainer.after_step.append(lambda t: after_step(t, fault))
     if fault.kill_during_save_at_step is not None:
-        trainer.before_save.append(lambda t: kill_during_save(t, fault))
+        if trainer.checkpoints.sharded:
+            trainer.checkpoints.before_commit.append(lambda partial: kill_during_sharded_save(trainer, fault, partial))
+        else:
+            trainer.before_save.append(lambda t: kill_during_save(t, fault))
     if fault.pause_between_micro_batches_at_step is not None:
         trainer.between_micro_batches.append(pause_between_micro_batches(fault.pause_between_micro_batches_at_step))
 
@@ -72,6 +76,21 @@ def kill_during_save(trainer: Trainer, fault: FaultConfig) -> None:
     partial.mkdir(parents=True, exist_ok=True)
     (partial / ckpt.STATE_FILE).write_bytes(b"half a checkpoint")
     log.error("fault.kill_during_save_at_step=%d: killing rank 0 in the middle of a save", trainer.step)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_during_sharded_save(trainer: Trainer, fault: FaultConfig, partial: Path) -> None:
+    """On rank `fault.rank`, in the first attempt only: die once every shard of the save is on disk (this
+    rank's is), before the commit; the shard is cut in half first, as a kill mid-write leaves it."""
+    if fault.kill_during_save_at_step != trainer.step or slurm_job.restart_count(os.environ) != 0:
+        return
+    if trainer.ctx.rank != fault.rank:
+        return
+    for shard in partial.glob(f"shards/__{trainer.ctx.rank}_*.distcp"):
+        os.truncate(shard, shard.stat().st_size // 2)
+    log.error(
+        "fault.kill_during_save_at_step=%d: killing rank %d in the middle of a sharded save", trainer.step, fault.rank
+    )
     os.kill(os.getpid(), signal.SIGKILL)
 
 

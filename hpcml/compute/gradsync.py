@@ -1,4 +1,5 @@
-"""Gradient synchronisation across ranks: DistributedDataParallel, or one flat all-reduce after backward.
+"""Gradient synchronisation across ranks: DistributedDataParallel, or one flat all-reduce after backward (or
+FSDP's reduce-scatter of sharded gradients, in fsdp.py).
 
 Both sum gradients over ranks after backward, so every rank applies the same update. The flat path keeps
 all gradients as views into one contiguous buffer, so its all-reduce needs no packing copy. Either path's
@@ -24,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hpcml.compute import mpi, transport
 from hpcml.compute.dist import DistributedContext
+from hpcml.compute.fsdp import FSDPGradientSync
 from hpcml.compute.transport import TransportSelector
 from hpcml.config import TrainConfig
 from hpcml.errors import ConfigError
@@ -258,6 +260,8 @@ class NoGradientSync:
 
 
 def make_gradient_sync(model: nn.Module, ctx: DistributedContext, cfg: TrainConfig) -> GradientSync:
+    if cfg.grad_sync == "fsdp":  # sharded even on one rank: its checkpoints are sharded like any FSDP run's
+        return FSDPGradientSync(model, ctx, cfg)
     if cfg.grad_sync == "flat":
         return FlatGradientSync(model, ctx, cfg)
     if ctx.world_size == 1:

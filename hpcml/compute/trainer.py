@@ -24,6 +24,7 @@ import torch.distributed as dist
 from hpcml.compute import checkpoint as ckpt
 from hpcml.compute.data import GlobalBatchStream, eval_batches
 from hpcml.compute.dist import DistributedContext, broadcast_from_rank0, same_on_every_rank
+from hpcml.compute.fsdp import whole
 from hpcml.compute.gradsync import make_gradient_sync
 from hpcml.compute.loader import BatchSource
 from hpcml.compute.loss_watch import NonFiniteLossWatch
@@ -31,6 +32,7 @@ from hpcml.compute.metrics import MetricsWriter, StepMetricsAverager, mean_over_
 from hpcml.compute.parts import RunParts, build_optimizer, build_parts, build_scheduler
 from hpcml.compute.precision import Precision
 from hpcml.compute.preempt import BoundaryDecision, StopCoordinator, StopReason
+from hpcml.compute.run_checkpoints import RunCheckpoints
 from hpcml.compute.run_result import TrainingResult, parameters_checksum, write_result
 from hpcml.compute.tasks import split_step_output
 from hpcml.config import TrainJobConfig
@@ -125,11 +127,7 @@ class Trainer:
             self.stateful["task"] = self.task
         self.loss_watch = NonFiniteLossWatch(ctx)
         self.step_metrics = StepMetricsAverager(ctx, type(self.task).__name__)
-        self.writer = (
-            ckpt.CheckpointWriter(self.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
-            if ctx.is_main
-            else None
-        )
+        self.checkpoints = RunCheckpoints(cfg.checkpoint, ctx, self.checkpoint_dir, self.stateful)
         # Called with the trainer after each step, between a step's micro-batches, and at each save just before
         # rank 0 hands the state to its writer (drills.py); empty in a normal run.
         self.after_step: list[Hook] = []
@@ -152,27 +150,8 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
 
-    def train_state(self) -> dict[str, Any]:
-        return {name: obj.state_dict() for name, obj in self.stateful.items()}
-
-    def _choose_checkpoint(self) -> ckpt.LoadedCheckpoint | None:
-        """Rank 0 picks, verifies and loads; every rank learns which checkpoint (and loads it too)."""
-        mine, choice = None, None
-        if self.ctx.is_main:
-            mode = self.cfg.checkpoint.resume
-            if mode == "auto":
-                mine = ckpt.load_latest_verified(self.checkpoint_dir, self.ctx.rank, self.ctx.device)
-            elif mode != "none":
-                mine = ckpt.verify_and_load(Path(mode), self.ctx.rank, self.ctx.device)
-            choice = (str(mine.path), mine.manifest) if mine else None
-        choice = broadcast_from_rank0(choice, self.ctx)
-        if mine is not None or choice is None:
-            return mine
-        # Rank 0 verified it; the others only load.
-        return ckpt.load_checkpoint(Path(choice[0]), choice[1], self.ctx.rank, self.ctx.device)
-
     def resume(self) -> None:
-        loaded = self._choose_checkpoint()
+        loaded = self.checkpoints.choose()
         if loaded is None:
             return
         path, manifest = loaded.path, loaded.manifest
@@ -182,61 +161,35 @@ class Trainer:
                 f"{path} was written with train.global_batch_size={manifest['global_batch_size']}, this run uses "
                 f"{batch}; an exact resume needs the same global batch. Set it back, or checkpoint.resume=none."
             )
-        # Checkpoints of earlier versions also hold "scaler": None (an unused mixed-precision slot); never read.
-        state = loaded.train_state
-        for name, obj in self.stateful.items():
-            if name == "grad_scaler" and name not in state:
-                # Written without fp16: the loss scale starts afresh, as it did when that run started.
-                log.warning("%s holds no fp16 loss scale (it was written with another precision): starting one", path)
-            elif name not in state and name not in ("grad_sync", "data_stream"):  # older checkpoints lack these
-                raise ConfigError(
-                    f"{path} holds no {name!r} state (it holds {', '.join(sorted(state))}): it was written by a run "
-                    f"with another {name}. Resume with the same config, or start fresh with checkpoint.resume=none."
-                )
-            obj.load_state_dict(state.get(name))
+        self.checkpoints.restore(loaded)
         if loaded.rng_state is not None:
             ckpt.restore_rng_state(loaded.rng_state)
         # The data position is a count of global samples, so any world size continues the same stream.
         self.step = loaded.samples_consumed // batch
         self.resumed_from = self.step
         log.info(
-            "resumed from %s (step %d, %d samples; written by %d ranks, now %d)",
+            "resumed from %s (step %d, %d samples; written by %d ranks, %s, now %d)",
             path,
             self.step,
             loaded.samples_consumed,
             manifest["world_size"],
+            loaded.layout,
             self.ctx.world_size,
         )
 
     def save(self, wait: bool = False) -> None:
-        """Every rank calls this at the same step boundary; rank 0 writes."""
+        """Every rank calls this at the same step boundary."""
         # A NaN from any rank has reached every replica through the gradient average: never save it.
         self.loss_watch.check(self.step)
-        started = time.perf_counter()
-        rng_states = [ckpt.capture_rng_state()]
-        if self.ctx.world_size > 1:
-            rng_states = [None] * self.ctx.world_size
-            dist.all_gather_object(rng_states, ckpt.capture_rng_state())
         for hook in self.before_save:
             hook(self)
-        if self.writer is not None:
-            # An async writer copies the live state on its own thread, while the next step's forward and
-            # backward run; train_step() waits for that copy before the weights change.
-            snap = ckpt.snapshot(
-                self.step,
-                self.stream.samples_consumed(self.step),
-                self.cfg.train.global_batch_size,
-                self.ctx.world_size,
-                self.train_state(),
-                rng_states,
-                copy=False,
-            )
-            self.writer.submit(snap, stage=self.writer.asynchronous)
-            if wait:
-                self.writer.wait()
-            # The deadline check needs the whole cost of a save: stall plus (for async) the write.
-            self._save_estimate_s = max(time.perf_counter() - started, self.writer.last_write_s or 0.0)
-        self._save_estimate_s = broadcast_from_rank0(self._save_estimate_s, self.ctx)
+        header = {
+            "samples_consumed": self.stream.samples_consumed(self.step),
+            "global_batch_size": self.cfg.train.global_batch_size,
+            "world_size": self.ctx.world_size,
+        }
+        # The deadline check needs the whole cost of a save: stall plus (for async) the write.
+        self._save_estimate_s = broadcast_from_rank0(self.checkpoints.save(self.step, header, wait), self.ctx)
         self._last_save_time = time.monotonic()
 
     def periodic_save_due(self) -> bool:
@@ -270,7 +223,7 @@ class Trainer:
         count = len(micro_batches)
         self.sync.zero_grad(self.optimizer)
         if self._forward_changes_state:
-            self._wait_checkpoint_staged()
+            self.checkpoints.wait_staged()
         losses, step_metrics = [], []
         for i, batch in enumerate(micro_batches):
             last = i == count - 1
@@ -286,10 +239,13 @@ class Trainer:
                 for hook in self.between_micro_batches:
                     hook(self)
         self.sync.synchronize()
-        self._wait_checkpoint_staged()
+        self.checkpoints.wait_staged()
         if self.cfg.train.clip_grad_norm:
             self.precision.unscale_(self.optimizer)
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad_norm)
+            # Under FSDP the norm is over every rank's shards (a DTensor, reduced across them).
+            self.grad_norm = whole(
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad_norm)
+            )
         self.precision.step(self.optimizer)
         self.scheduler.step()
         self.step += 1
@@ -314,12 +270,7 @@ class Trainer:
         ckpt.restore_rng_state(rng)
         if task_state is not None:
             self.task.load_state_dict(task_state)
-        if self.writer is not None:
-            self.writer.prepare(self.train_state())
-
-    def _wait_checkpoint_staged(self) -> None:
-        if self.writer is not None:
-            self.writer.wait_staged()
+        self.checkpoints.prepare()
 
     def evaluates_after(self, step: int) -> bool:
         """Whether the loop evaluates after `step` (train.eval_every_steps; the last step's is the final one)."""
@@ -397,7 +348,7 @@ class Trainer:
             steps=self.step,
             final_loss=self.global_mean(trained.last_loss),
             metrics=evaluated,
-            params_sha256=parameters_checksum(self.model),
+            params_sha256="",
             world_size=self.ctx.world_size,
             num_nodes=self.ctx.placement.num_nodes,
             backend=self.ctx.backend,
@@ -410,7 +361,7 @@ class Trainer:
             transport_plan=self.sync.state_dict().get("transport_plan"),
             first_step_at=trained.first_step_at,
         )
-        write_result(result, self.model, self.ctx, self.output_dir)
+        result = write_result(result, self.model, self.ctx, self.output_dir)
         return TrainingOutcome(result, StopReason.NONE, self.step)
 
     def train_until_done(self, metrics: MetricsWriter) -> TrainedSteps:

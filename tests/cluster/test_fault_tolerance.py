@@ -33,14 +33,22 @@ SLOW = [f"train.steps={STEPS}", "fault.step_sleep_s=0.05", "checkpoint.every_ste
 
 
 # A user's model with BatchNorm, a Dataset that draws random augmentation in __getitem__, read by two
-# DataLoader workers per rank (tests/user_code.py, tests/user_conf/).
-USER_RUN = [*USE, "+model.batchnorm=true", "+data.train.noise=0.3", "loader.num_workers=2", "launch.objective=val_mse"]
+# DataLoader workers per rank (tests/user_code.py, tests/user_conf/), sharded (FSDP) over the 4 ranks:
+# the built-in model's runs here, and the LM's (test_lm_on_cluster.py), cover DDP.
+USER_RUN = [
+    *USE,
+    "+model.batchnorm=true",
+    "+data.train.noise=0.3",
+    "loader.num_workers=2",
+    "launch.objective=val_mse",
+    "train.grad_sync=fsdp",
+]
 
 
 @pytest.fixture(scope="module")
 def references() -> dict[str, str]:
-    """The uninterrupted runs the interrupted ones must equal, bitwise: the built-in model's and the user's.
-    Submitted together (each takes half the cluster's CPUs), and followed to the end."""
+    """The uninterrupted runs the interrupted ones must equal, bitwise: the built-in model's (DDP) and the
+    user's (FSDP). Submitted together (each takes half the cluster's CPUs), and followed to the end."""
     runs = {"builtin": (new_out("reference"), []), "user": (new_out("user-reference"), USER_RUN)}
     running = {name: submit(out, *args, f"train.steps={STEPS}") for name, (out, args) in runs.items()}
     for proc in running.values():
@@ -58,10 +66,11 @@ def user_reference_sha(references):
     return references["user"]
 
 
-def test_every_kind_of_interrupt_in_one_run_of_user_code_resumes_bitwise_equal(user_reference_sha):
+def test_every_kind_of_interrupt_in_one_sharded_run_of_user_code_resumes_bitwise_equal(user_reference_sha):
     """`scontrol requeue`, `scancel --signal=TERM` and a preemption, in a random order at random steps of one
-    run of a user's BatchNorm model on an augmenting Dataset with DataLoader workers: each attempt saves,
-    comes back by itself and resumes at exactly the step the last one stopped at."""
+    FSDP run (2 nodes x 2 ranks) of a user's BatchNorm model on an augmenting Dataset with DataLoader workers:
+    each attempt saves a sharded checkpoint, comes back by itself and resumes at exactly the step the last one
+    stopped at. Bitwise: the world size, and so every reduction's order, is the same in every attempt."""
     rng = random.Random(3)
     kinds = rng.sample(["scontrol_requeue", "scancel_term", "preemption"], k=3)
     out = new_out("every-kind")
@@ -80,7 +89,7 @@ def test_every_kind_of_interrupt_in_one_run_of_user_code_resumes_bitwise_equal(u
             time.sleep(0.5)
     finish(proc)
     result = read_result(out)
-    assert result["params_sha256"] == user_reference_sha and result["replicas_identical"]
+    assert result["params_sha256"] == user_reference_sha and result["grad_sync"] == "fsdp"
     assert result["resumed_from_step"] is not None and set(result["metrics"]) == {"val_mse"}
     history = attempts(job)
     assert history[-1] == "COMPLETED" and len(history) == len(kinds) + 1, history  # one restart per interrupt
@@ -116,14 +125,21 @@ def test_time_limit_with_no_warning_signal_saves_on_its_own_clock_and_requeues(r
     assert_nothing_lost(log, STEPS, attempts=len(history))
 
 
-def test_kill_9_during_a_save_keeps_the_previous_checkpoint(reference_sha):
-    out = new_out("kill9")
+@pytest.mark.parametrize("layout", ["replicated", "sharded"])
+def test_kill_9_during_a_save_keeps_the_previous_checkpoint(layout, references):
+    """Replicated (DDP): rank 0, the writer, dies mid-write. Sharded (FSDP): rank 3, on the second node, dies
+    with its shard cut in half, after writing it and before the commit, while the others wait for it."""
+    args, reference = ([], references["builtin"]) if layout == "replicated" else (USER_RUN, references["user"])
+    killed_rank = 0 if layout == "replicated" else 3
+    out = new_out(f"kill9-{layout}")
     proc = submit(
         out,
+        *args,
         f"train.steps={STEPS}",
         "fault.step_sleep_s=0.02",
         "checkpoint.every_steps=50",
         "fault.kill_during_save_at_step=150",
+        f"fault.rank={killed_rank}",
     )
     job = job_id_of(out)
     # The rank killed mid-save fails the attempt; Slurm does not requeue a failed job by itself, so we
@@ -131,11 +147,15 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint(reference_sha):
     out_text, err = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert attempts(job)[-1] == "FAILED"
+    killed = "rank 0 in the middle of a save" if layout == "replicated" else "rank 3 in the middle of a sharded save"
+    said = (out / "slurm" / f"{job}_{killed_rank}_log.err").read_text()
+    assert f"fault.kill_during_save_at_step=150: killing {killed}" in said
     assert (out / "checkpoints" / ".step-150.partial").exists()
-    finish(submit(out, f"train.steps={STEPS}"))
+    assert not (out / "checkpoints" / ".step-150.partial" / "manifest.json").exists()
+    finish(submit(out, *args, f"train.steps={STEPS}"))
     result = read_result(out)
     assert result["resumed_from_step"] == 100
-    assert result["params_sha256"] == reference_sha and result["replicas_identical"]
+    assert result["params_sha256"] == reference
     assert not (out / "checkpoints" / ".step-150.partial").exists()  # cleaned up by the next commit
 
 

@@ -1,12 +1,9 @@
-"""Verified, resumable checkpoints: `step-<N>/` folders committed by a checksum manifest written last.
+"""The replicated layout (DDP, one process): rank 0 writes the whole training state and every rank's RNG state
+into one checkpoint folder, committed as layout.py describes.
 
-Rank 0 writes every file (the replicated training state, and each rank's RNG state gathered to it) into
-`.step-<N>.partial/`, fsyncs them, writes `manifest.json` (size and XXH3-128 per file) to a temporary name and
-renames it, fsyncs the folder, then renames the folder to `step-<N>` and fsyncs the parent. A folder
-without a valid manifest is never trusted: loading verifies every file against it and falls back to the
-previous verified checkpoint, saying why. Files are loaded with `weights_only=True`: never runs code.
-Verification reads each file once; loading then maps it (`mmap=True`) from the page cache the
-verification just filled, instead of reading and copying it a second time.
+Files are loaded with `weights_only=True`: never runs code. Verification reads each file once; loading then
+maps it (`mmap=True`) from the page cache the verification just filled, instead of reading and copying it a
+second time.
 
 With `async_save`, a background thread on rank 0 copies the state to CPU and then writes it; only one
 write is ever in flight. The copy overlaps the next step's forward and backward, which read the weights
@@ -18,9 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
-import random
 import shutil
 import threading
 import time
@@ -28,50 +23,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from hpcml.compute.checkpoint.layout import (
+    REPLICATED,
+    STATE_FILE,
+    CheckpointCorruptError,
+    commit,
+    file_entry,
+    layout_of,
+    list_checkpoints,
+    partial_dir,
+    prune_checkpoints,
+    read_manifest,
+    rng_file,
+    verify_checkpoint,
+)
 from hpcml.errors import HpcmlError
-from hpcml.fileio import CHECKSUMS, digest_of, fsync_dir, write_atomically, write_hashed
+from hpcml.fileio import write_hashed
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-STATE_FILE = "train_state.pt"
-FORMAT_VERSION = 1
-
-
-class CheckpointCorruptError(HpcmlError):
-    """A checkpoint folder failed verification (missing or partial manifest, size or checksum mismatch)."""
-
-
-def rng_file(rank: int) -> str:
-    return f"rng-rank{rank}.pt"
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step}"
-
-
-def capture_rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class StagingArea:
@@ -139,12 +110,16 @@ class LoadedCheckpoint:
     def samples_consumed(self) -> int:
         return int(self.manifest["samples_consumed"])
 
+    @property
+    def layout(self) -> str:
+        return layout_of(self.manifest)
+
 
 # ---------------------------------------------------------------- writing
 
 
 @contextlib.contextmanager
-def _without_zip_crc32():
+def without_zip_crc32():
     """torch.save computes a CRC-32 of every record, a large share of its time; the manifest's checksum
     already covers every byte, so the checkpoint writer skips it and restores the setting."""
     previous = torch.serialization.get_crc32_options()
@@ -157,94 +132,25 @@ def _without_zip_crc32():
 
 def write_checkpoint(directory: Path, snap: Snapshot) -> Path:
     """Write and commit one checkpoint; returns the published `step-<N>` folder."""
-    final = directory / step_dir_name(snap.step)
-    partial = directory / f".{step_dir_name(snap.step)}.partial"
+    partial = partial_dir(directory, snap.step)
     directory.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     files: dict[str, dict[str, Any]] = {}
     contents = {STATE_FILE: snap.train_state, **{rng_file(rank): rng for rank, rng in enumerate(snap.rng_states)}}
-    with _without_zip_crc32():
+    with without_zip_crc32():
         for name, obj in contents.items():
-            digest = write_hashed(partial / name, lambda f, obj=obj: torch.save(obj, f))
-            files[name] = {digest.algorithm: digest.hexdigest, "bytes": digest.size}
-    manifest = {
-        "format": FORMAT_VERSION,
-        "step": snap.step,
+            files[name] = file_entry(write_hashed(partial / name, lambda f, obj=obj: torch.save(obj, f)))
+    header = {
+        "layout": REPLICATED,
         "samples_consumed": snap.samples_consumed,
         "global_batch_size": snap.global_batch_size,
         "world_size": snap.world_size,
-        "saved_at": time.time(),
-        "files": files,
     }
-    # The manifest is the commit marker: written last, atomically, after every file is durable.
-    write_atomically(partial / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
-    if final.exists():  # a re-save of the same step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
-    partial.rename(final)
-    fsync_dir(directory)
-    return final
-
-
-def list_checkpoints(directory: Path) -> list[Path]:
-    """Committed-looking `step-<N>` folders, newest first (verification happens on load)."""
-    if not directory.is_dir():
-        return []
-    found = []
-    for path in directory.iterdir():
-        name = path.name
-        if path.is_dir() and name.startswith("step-") and name[5:].isdigit():
-            found.append((int(name[5:]), path))
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def prune_checkpoints(directory: Path, keep_last: int) -> None:
-    for old in list_checkpoints(directory)[keep_last:]:
-        shutil.rmtree(old, ignore_errors=True)
-    for partial in directory.glob(".step-*.partial"):  # left by a writer that was killed
-        shutil.rmtree(partial, ignore_errors=True)
+    return commit(partial, snap.step, header, files)
 
 
 # ---------------------------------------------------------------- verifying and loading
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of `path` if it is readable and every file it names is there at its size (no hashing):
-    after this, mapping the files cannot run past their ends."""
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointCorruptError(f"{path.name}: no {MANIFEST} (the save never committed)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-        int(manifest["step"]), int(manifest["samples_consumed"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointCorruptError(f"{path.name}: unreadable {MANIFEST}: {err}") from err
-    if manifest.get("format") != FORMAT_VERSION:
-        raise CheckpointCorruptError(f"{path.name}: format {manifest.get('format')}, this hpcml reads {FORMAT_VERSION}")
-    for name, expected in files.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointCorruptError(f"{path.name}: {name} is missing")
-        if file.stat().st_size != expected["bytes"]:
-            raise CheckpointCorruptError(
-                f"{path.name}: {name} has {file.stat().st_size} bytes, the manifest says {expected['bytes']} (truncated?)"
-            )
-        if not any(a in expected for a in CHECKSUMS):
-            raise CheckpointCorruptError(
-                f"{path.name}: {name} has no checksum this hpcml knows ({', '.join(CHECKSUMS)})"
-            )
-    return manifest
-
-
-def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """The manifest of `path` if every file matches it; CheckpointCorruptError saying what does not."""
-    manifest = read_manifest(path)
-    for name, expected in manifest["files"].items():
-        algorithm = next(a for a in CHECKSUMS if a in expected)
-        if digest_of(path / name, algorithm) != expected[algorithm]:
-            raise CheckpointCorruptError(f"{path.name}: {name} fails its {algorithm} checksum (corrupted)")
-    return manifest
 
 
 def verify_and_load(path: Path, rank: int, device: torch.device) -> LoadedCheckpoint:

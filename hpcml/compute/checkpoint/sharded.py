@@ -1,0 +1,162 @@
+"""The sharded layout (FSDP): every rank writes its own shard of the model and optimizer state through
+torch.distributed.checkpoint (DCP), all in parallel, into one folder; rank 0 adds the rest of the training
+state (schedule, data position, ...) and every rank's RNG state, gathers each rank's checksums of what it
+wrote, and commits the folder with one manifest naming every file of every rank (layout.py). A shard that
+is truncated or missing fails verification like any other file.
+
+DCP reshards on load: a checkpoint saved at N ranks loads at any M, and into an unsharded (DDP) model too.
+The model and optimizer states go through torch's distributed state-dict API, keyed by parameter name, so
+the same files load whether the parameters are sharded DTensors or whole tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
+
+from hpcml.compute.checkpoint.layout import (
+    SHARDED,
+    STATE_FILE,
+    CheckpointCorruptError,
+    commit,
+    file_entry,
+    partial_dir,
+    prune_checkpoints,
+    rng_file,
+)
+from hpcml.compute.checkpoint.replicated import without_zip_crc32
+from hpcml.compute.dist import DistributedContext
+from hpcml.fileio import DEFAULT_CHECKSUM, FileDigest, digest_of, write_hashed
+
+log = logging.getLogger(__name__)
+
+# The folder, inside step-<N>, that DCP writes: `.metadata` (rank 0) and one `__<rank>_<n>.distcp` per rank.
+SHARDS_DIR = "shards"
+# The training state that goes through DCP in this layout; the rest stays in train_state.pt.
+SHARDED_STATE = ("model", "optimizer")
+
+
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The model's and optimizer's state, keyed by parameter name: this rank's shards under FSDP, whole
+    tensors otherwise (a collective under FSDP: every rank calls it)."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def _digest(path: Path) -> FileDigest:
+    return FileDigest(DEFAULT_CHECKSUM, digest_of(path, DEFAULT_CHECKSUM), path.stat().st_size)
+
+
+def _files_of_rank(shards: Path, rank: int) -> list[Path]:
+    """What DCP's file-system writer wrote for `rank`: its data files, and the metadata on rank 0."""
+    mine = sorted(shards.glob(f"__{rank}_*.distcp"))
+    return [*mine, shards / ".metadata"] if rank == 0 else mine
+
+
+def save_sharded(
+    directory: Path,
+    step: int,
+    header: dict[str, Any],
+    shards: dict[str, Any],
+    rest: dict[str, Any] | None,
+    rng_states: list[dict[str, Any]] | None,
+    keep_last: int,
+    ctx: DistributedContext,
+    before_commit: Callable[[Path], None] | None = None,
+) -> Path | None:
+    """Write and commit one sharded checkpoint (a collective: every rank calls it with its `shards`; rank 0
+    also gives `rest`, the replicated state, and every rank's `rng_states`). Returns the published folder on
+    rank 0, None elsewhere; every rank returns only once it is committed or the save failed.
+    `before_commit` is called on every rank with the partial folder once its shard is durable (fault drills)."""
+    partial = partial_dir(directory, step)
+    if ctx.is_main:
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        (partial / SHARDS_DIR).mkdir(parents=True)
+    _barrier(ctx)  # the folder exists, empty, before any rank writes into it
+    # sync_files: DCP fsyncs each file it writes, so a shard is durable before its checksum is sent.
+    dcp.save(shards, storage_writer=dcp.FileSystemWriter(partial / SHARDS_DIR, sync_files=True))
+    mine = {f"{SHARDS_DIR}/{p.name}": file_entry(_digest(p)) for p in _files_of_rank(partial / SHARDS_DIR, ctx.rank)}
+    if before_commit is not None:
+        before_commit(partial)
+    gathered = [mine]
+    if ctx.world_size > 1:
+        gathered = [None] * ctx.world_size if ctx.is_main else None
+        dist.gather_object(mine, gathered, dst=0)
+    committed = None
+    if ctx.is_main:
+        files: dict[str, dict[str, Any]] = {
+            name: entry for rank_files in gathered for name, entry in rank_files.items()
+        }
+        written = {f"{SHARDS_DIR}/{p.name}" for p in (partial / SHARDS_DIR).iterdir()}
+        if written != set(files):
+            # A file no rank accounted for would go unverified: refuse to commit rather than trust it.
+            raise CheckpointCorruptError(
+                f"{partial.name}: the shard files on disk ({sorted(written)}) are not the ones the ranks wrote "
+                f"({sorted(files)}); not committing it"
+            )
+        contents = {STATE_FILE: rest, **{rng_file(rank): rng for rank, rng in enumerate(rng_states)}}
+        with without_zip_crc32():
+            for name, obj in contents.items():
+                files[name] = file_entry(write_hashed(partial / name, lambda f, obj=obj: torch.save(obj, f)))
+        committed = commit(partial, step, {"layout": SHARDED, **header}, files)
+        prune_checkpoints(directory, keep_last)
+    _barrier(ctx)  # no rank goes on believing a save done that rank 0 could not commit
+    return committed
+
+
+def load_sharded_into(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load `path`'s model and optimizer shards into `model` and `optimizer`, resharded to this run's world
+    size, or whole into an unsharded model (a collective: every rank calls it)."""
+    state = sharded_state(model, optimizer)
+    dcp.load(state, checkpoint_id=path / SHARDS_DIR)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def load_whole_into(
+    model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict
+) -> None:
+    """A replicated checkpoint's whole model and optimizer state (every rank holds it) into a sharded model:
+    each rank keeps its own shard. The optimizer state is keyed by parameter index there (torch's
+    `Optimizer.state_dict()`), and by parameter name here."""
+    whole = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=whole)
+    set_optimizer_state_dict(model, optimizer, keyed_by_name(optimizer_state, model), options=whole)
+
+
+def keyed_by_name(optimizer_state: dict, model: nn.Module) -> dict:
+    """An optimizer state dict keyed by parameter index, keyed by parameter name instead: the optimizer was
+    built on `model.parameters()`, so index i is the i-th named parameter."""
+    names = [name for name, _ in model.named_parameters()]
+    ids = [i for group in optimizer_state["param_groups"] for i in group["params"]]
+    if len(ids) != len(names):
+        raise CheckpointCorruptError(
+            f"the checkpoint's optimizer holds {len(ids)} parameters, this model has {len(names)}: it was "
+            "written for another model"
+        )
+    return {
+        "state": {names[i]: value for i, value in optimizer_state["state"].items()},
+        "param_groups": [
+            {**group, "params": [names[i] for i in group["params"]]} for group in optimizer_state["param_groups"]
+        ],
+    }
+
+
+def _barrier(ctx: DistributedContext) -> None:
+    if ctx.world_size > 1:
+        dist.barrier()

@@ -1,0 +1,180 @@
+"""Sharded training (train.grad_sync=fsdp): N ranks compute what one process computes on the global batch,
+and sharded checkpoints load at any world size, into DDP runs, and DDP's checkpoints into sharded runs.
+
+Across world sizes the reductions add the same numbers in another order, so models agree to float precision
+(rtol 1e-4), not bitwise; bitwise resume at the same world size is proven on the cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import read_result, run_train
+from user_code import USE
+
+from hpcml.compute import checkpoint as ckpt
+
+# Adam, clipping and a checkpoint every 20 steps: step-20 is where the resharding tests start from.
+RUN = [
+    "train.steps=40",
+    "train.global_batch_size=64",
+    "train.log_every=20",
+    "optim=adam",
+    "train.clip_grad_norm=0.5",
+    "checkpoint.every_steps=20",
+]
+FSDP = "train.grad_sync=fsdp"
+
+
+def train(out: Path, ranks: int, *extra: str) -> Path:
+    run_train([*RUN, *extra, f"train.output_dir={out}", f"hydra.run.dir={out}"], ranks=ranks)
+    return out
+
+
+def assert_same_model(out: Path, expected_out: Path) -> None:
+    got = torch.load(out / "model.pt", weights_only=True)
+    expected = torch.load(expected_out / "model.pt", weights_only=True)
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{name} differs")
+
+
+def rank0_log(out: Path) -> str:
+    return (out / "train.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The built-in model on one process; its checkpoints are in the replicated layout."""
+    return train(tmp_path_factory.mktemp("one"), 1)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Path:
+    """The same run on 4 ranks under FSDP, each rank's share in 2 micro-batches."""
+    return train(tmp_path_factory.mktemp("sharded"), 4, FSDP, "train.grad_accum_steps=2")
+
+
+@pytest.mark.mpi
+def test_four_sharded_ranks_with_accumulation_equal_one_process(one_process, sharded):
+    assert_same_model(sharded, one_process)
+    result = read_result(sharded)
+    assert (result["world_size"], result["grad_sync"]) == (4, "fsdp")
+    # Each parameter lives on one rank: there are no replicas to compare, and result.json says so.
+    assert result["replicas_identical"] is None and result["rank_params_sha256"] is None
+    whole = torch.load(sharded / "model.pt", weights_only=True)
+    names = [n for n in whole if "running" not in n and "num_batches" not in n]
+    assert result["params_sha256"] == sha256_of(whole[n] for n in names)
+    manifest = ckpt.verify_checkpoint(sharded / "checkpoints" / "step-40")
+    assert (manifest["layout"], manifest["world_size"]) == ("sharded", 4)
+    shards = {name for name in manifest["files"] if name.startswith("shards/")}
+    assert shards == {"shards/.metadata", *(f"shards/__{rank}_0.distcp" for rank in range(4))}
+    assert "'model'" not in str(
+        torch.load(sharded / "checkpoints" / "step-40" / ckpt.STATE_FILE, weights_only=True).keys()
+    )
+
+
+def sha256_of(tensors) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.mpi
+def test_a_users_model_trains_sharded_on_four_ranks_as_on_one_process(tmp_path):
+    """tests/user_code.py's TwoHeads: its heads (an nn.ModuleList) become FSDP units by the default policy."""
+    user = [*USE, "data.train.size=1024"]
+    one = train(tmp_path / "one", 1, *user)
+    four = train(tmp_path / "four", 4, *user, FSDP, "train.grad_accum_steps=2")
+    assert_same_model(four, one)
+    assert "FSDP: 2 units and the root, over 4 ranks" in rank0_log(four)
+
+
+@pytest.mark.mpi
+def test_a_sharded_checkpoint_saved_at_four_ranks_resumes_at_two_and_at_one_to_the_four_rank_result(sharded, tmp_path):
+    for ranks in (2, 1):
+        out = train(tmp_path / f"at{ranks}", ranks, FSDP, f"checkpoint.resume={sharded / 'checkpoints' / 'step-20'}")
+        assert read_result(out)["resumed_from_step"] == 20 and read_result(out)["world_size"] == ranks
+        assert f"(step 20, 1280 samples; written by 4 ranks, sharded, now {ranks})" in rank0_log(out)
+        assert_same_model(out, sharded)
+
+
+@pytest.mark.mpi
+def test_ddp_and_fsdp_checkpoints_load_into_each_other(one_process, sharded, tmp_path):
+    """A sharded checkpoint into a 2-rank DDP run, and a one-process (replicated) one into a 2-rank FSDP
+    run: each continues to the end of the run that wrote it, Adam's moments included."""
+    ddp = train(tmp_path / "ddp", 2, "train.grad_sync=ddp", f"checkpoint.resume={sharded / 'checkpoints' / 'step-20'}")
+    assert "written by 4 ranks, sharded, now 2" in rank0_log(ddp)
+    assert_same_model(ddp, sharded)
+    fsdp = train(tmp_path / "fsdp", 2, FSDP, f"checkpoint.resume={one_process / 'checkpoints' / 'step-20'}")
+    assert "written by 1 ranks, replicated, now 2" in rank0_log(fsdp)
+    assert_same_model(fsdp, one_process)
+
+
+@pytest.mark.mpi
+def test_a_truncated_or_missing_shard_is_detected_and_the_previous_checkpoint_used(sharded, tmp_path):
+    damaged = {}
+    for kind in ("truncated", "missing", "flipped"):
+        copy = tmp_path / kind
+        shutil.copytree(sharded / "checkpoints", copy)
+        shard = copy / "step-40" / "shards" / "__1_0.distcp"
+        if kind == "truncated":
+            shard.write_bytes(shard.read_bytes()[:-100])
+        elif kind == "missing":
+            shard.unlink()
+        else:
+            data = bytearray(shard.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            shard.write_bytes(bytes(data))
+        damaged[kind] = copy
+    expected = {"truncated": "(truncated?)", "missing": "is missing", "flipped": "fails its xxh3_128 checksum"}
+    for kind, copy in damaged.items():
+        with pytest.raises(ckpt.CheckpointCorruptError, match=r"shards/__1_0\.distcp.*") as caught:
+            ckpt.verify_checkpoint(copy / "step-40")
+        assert expected[kind] in str(caught.value)
+    # A run given the truncated copy says why it skips step-40, resumes from step-20 and ends where it should.
+    out = train(tmp_path / "run", 2, FSDP, f"checkpoint.dir={damaged['truncated']}")
+    log = rank0_log(out)
+    assert "skipping checkpoint step-40: shards/__1_0.distcp has" in log
+    assert read_result(out)["resumed_from_step"] == 20
+    assert_same_model(out, sharded)
+
+
+@pytest.mark.mpi
+def test_a_model_that_declares_its_units_is_sharded_by_them_and_a_stray_one_is_refused(tmp_path):
+    """`fsdp_units()` names the blocks to shard; returning something that is not a submodule is a clear error."""
+    user = [*USE, "data.train.size=256", "train.steps=2", "checkpoint.every_steps=0"]
+    user += ["model._target_=user_code.DeclaredUnits"]
+    declared = train(tmp_path / "declared", 2, *user, FSDP)
+    assert "FSDP: 1 units and the root, over 2 ranks" in rank0_log(declared)
+    done = run_train(
+        [
+            *RUN,
+            *user,
+            FSDP,
+            "+model.stray=true",
+            f"train.output_dir={tmp_path / 'stray'}",
+            f"hydra.run.dir={tmp_path / 'stray'}",
+        ],
+        ranks=2,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "DeclaredUnits.fsdp_units() returned Linear, which are not submodules of the model" in done.stderr
+
+
+def test_manifest_layout_defaults_to_replicated_for_checkpoints_written_before_there_was_a_choice(tmp_path):
+    snap = ckpt.snapshot(3, 3, 1, 1, {"model": {"w": torch.zeros(2)}}, [ckpt.capture_rng_state()], copy=True)
+    path = ckpt.write_checkpoint(tmp_path, snap)
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    assert manifest["layout"] == "replicated"
+    del manifest["layout"]
+    (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    assert ckpt.layout_of(ckpt.verify_checkpoint(path)) == "replicated"
