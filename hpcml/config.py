@@ -53,6 +53,10 @@ class ClusterConfig:
     qos: str | None = None
     constraint: str | None = None
     nodes: int = 1
+    # Elastic requeue: with min_nodes below nodes the job asks Slurm for `--nodes=<min_nodes>-<nodes>`, so each
+    # attempt (the first, and every one after a preemption) starts on as many nodes of that range as are free,
+    # and training continues on the same global batch stream at that world size. None: exactly `nodes`.
+    min_nodes: int | None = None
     tasks_per_node: int = 1
     cpus_per_task: int = 1
     # One rank per GPU is the rule for NCCL; 0 means a CPU job (gloo).
@@ -91,6 +95,11 @@ class ClusterConfig:
             self.nodes >= 1, f"cluster.nodes={self.nodes}: a job needs at least 1 node; set cluster.nodes=1 or more."
         )
         _require(
+            self.min_nodes is None or 1 <= self.min_nodes <= self.nodes,
+            f"cluster.min_nodes={self.min_nodes} must be between 1 and cluster.nodes={self.nodes} (the most nodes the "
+            "job may get); or null for a job that always runs on cluster.nodes.",
+        )
+        _require(
             self.tasks_per_node >= 1,
             f"cluster.tasks_per_node={self.tasks_per_node}: each node runs at least 1 rank; set it to 1 or more.",
         )
@@ -109,7 +118,17 @@ class ClusterConfig:
 
     @property
     def world_size(self) -> int:
+        """The most ranks the job runs on (all of cluster.nodes)."""
         return self.nodes * self.tasks_per_node
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_nodes is not None and self.min_nodes < self.nodes
+
+    @property
+    def node_counts(self) -> range:
+        """Every number of nodes an attempt of this job may run on."""
+        return range(self.min_nodes if self.elastic else self.nodes, self.nodes + 1)
 
 
 @dataclass
@@ -444,18 +463,26 @@ class TrainJobConfig:
             "written by every rank in parallel, at the step boundary. Set checkpoint.async_save=false.",
         )
         if self.cluster.submit:
-            world = self.cluster.world_size
-            _require(
-                self.train.global_batch_size % world == 0,
-                f"train.global_batch_size={self.train.global_batch_size} does not split evenly over "
-                f"{world} ranks ({self.cluster.nodes} nodes x {self.cluster.tasks_per_node}); make it a multiple of {world}.",
-            )
-            parts = world * self.train.grad_accum_steps
-            _require(
-                self.train.global_batch_size % parts == 0,
-                f"train.global_batch_size={self.train.global_batch_size} over {world} ranks does not split into "
-                f"train.grad_accum_steps={self.train.grad_accum_steps} equal micro-batches; make it a multiple of {parts}.",
-            )
+            for nodes in self.cluster.node_counts:
+                self._check_batch_splits(nodes)
+
+    def _check_batch_splits(self, nodes: int) -> None:
+        """The global batch must split evenly over the ranks of `nodes` nodes, and each share into micro-batches."""
+        world = nodes * self.cluster.tasks_per_node
+        on = f"{world} ranks ({nodes} nodes x {self.cluster.tasks_per_node})"
+        if self.cluster.elastic:
+            on += f", which the job runs on when Slurm gives it {nodes} of its {self.cluster.min_nodes}-{self.cluster.nodes} nodes"
+        _require(
+            self.train.global_batch_size % world == 0,
+            f"train.global_batch_size={self.train.global_batch_size} does not split evenly over {on}; make it a "
+            f"multiple of {world}" + (", or narrow cluster.min_nodes..cluster.nodes." if self.cluster.elastic else "."),
+        )
+        parts = world * self.train.grad_accum_steps
+        _require(
+            self.train.global_batch_size % parts == 0,
+            f"train.global_batch_size={self.train.global_batch_size} over {on} does not split into "
+            f"train.grad_accum_steps={self.train.grad_accum_steps} equal micro-batches; make it a multiple of {parts}.",
+        )
 
 
 def register_configs() -> None:

@@ -61,7 +61,9 @@ def main(cfg: DictConfig) -> float | None:
 
             job = submit(job_config)
             if job is not None and job_config.launch.wait:
-                result = wait_for(job, job_config.train.output_dir, job_config.launch.poll_s)
+                result = wait_for(
+                    job, job_config.train.output_dir, job_config.launch.poll_s, job_config.cluster.elastic
+                )
                 evaluated = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
                 print(
                     f"finished: {result['steps']} steps on {result['num_nodes']} nodes x "

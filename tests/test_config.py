@@ -82,6 +82,14 @@ def test_wrong_type_fails_in_hydra():
             "data.train.path=/nonexistent/data.npz does not exist",
         ),
         (["cluster=local", "train.global_batch_size=30"], "does not split evenly over 4 ranks"),
+        (["cluster=local", "cluster.min_nodes=3"], "cluster.min_nodes=3 must be between 1 and cluster.nodes=2"),
+        (
+            ["cluster=local", "cluster.nodes=3", "cluster.min_nodes=2", "train.global_batch_size=44"],
+            "over 6 ranks .3 nodes x 2., which the job runs on when Slurm gives it 3 of its 2-3 nodes\\b",
+        ),
+        (["train.grad_sync=fsdp", "train.precision=fp16"], "train.precision=fp16 needs a loss scaler"),
+        (["train.grad_sync=fsdp", "train.transport=mpi"], "train.grad_sync=fsdp reduce-scatters"),
+        (["train.grad_sync=fsdp", "checkpoint.async_save=true"], "not available with train.grad_sync=fsdp yet"),
         (["cluster=example_site", "cluster.gpus_per_node=2"], "one rank per GPU"),
     ],
 )

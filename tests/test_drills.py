@@ -1,5 +1,6 @@
 """Fault drills hook into a Trainer from outside its loop, and only when the config asks for one."""
 
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -44,8 +45,23 @@ def test_kill_during_save_hooks_into_saves_only():
     trainer.before_save[0](trainer)  # step 0: not the drilled step, so this process lives on
 
 
-def test_kill_during_a_sharded_save_hooks_in_after_the_shards_are_written(tmp_path):
-    trainer = fake_trainer(rank=1, sharded=True)
-    install_fault_drills(trainer, FaultConfig(kill_during_save_at_step=150, rank=1))
-    assert trainer.before_save == [] and len(trainer.checkpoints.before_commit) == 1
-    trainer.checkpoints.before_commit[0](tmp_path)  # step 0: not the drilled step, so this process lives on
+def test_kill_during_a_sharded_save_cuts_the_chosen_ranks_shard_and_kills_it(tmp_path, monkeypatch):
+    """Hooked into the sharded save's before_commit (each rank's shard is on disk by then): at the drilled step
+    the chosen rank halves its own shard, leaves the others' alone, and SIGKILLs itself."""
+    (tmp_path / "shards").mkdir()
+    for rank in range(2):
+        (tmp_path / "shards" / f"__{rank}_0.distcp").write_bytes(b"x" * 100)
+    killed = []
+    monkeypatch.setattr("hpcml.compute.drills.os.kill", lambda pid, sig: killed.append(sig))
+    bystander, chosen = fake_trainer(rank=0, step=150, sharded=True), fake_trainer(rank=1, step=149, sharded=True)
+    for trainer in (bystander, chosen):
+        install_fault_drills(trainer, FaultConfig(kill_during_save_at_step=150, rank=1))
+        assert trainer.before_save == [] and len(trainer.checkpoints.before_commit) == 1
+    bystander.checkpoints.before_commit[0](tmp_path)  # another rank: nothing
+    chosen.checkpoints.before_commit[0](tmp_path)  # step 149: nothing yet
+    assert killed == []
+    chosen.step = 150
+    chosen.checkpoints.before_commit[0](tmp_path)
+    assert killed == [signal.SIGKILL]
+    sizes = [(tmp_path / "shards" / f"__{rank}_0.distcp").stat().st_size for rank in range(2)]
+    assert sizes == [100, 50]

@@ -7,6 +7,7 @@ Across world sizes the reductions add the same numbers in another order, so mode
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -79,8 +80,6 @@ def test_four_sharded_ranks_with_accumulation_equal_one_process(one_process, sha
 
 
 def sha256_of(tensors) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     for t in tensors:
         digest.update(t.to(torch.float32).contiguous().numpy().tobytes())
@@ -108,11 +107,15 @@ def test_a_sharded_checkpoint_saved_at_four_ranks_resumes_at_two_and_at_one_to_t
 
 @pytest.mark.mpi
 def test_ddp_and_fsdp_checkpoints_load_into_each_other(one_process, sharded, tmp_path):
-    """A sharded checkpoint into a 2-rank DDP run, and a one-process (replicated) one into a 2-rank FSDP
-    run: each continues to the end of the run that wrote it, Adam's moments included."""
-    ddp = train(tmp_path / "ddp", 2, "train.grad_sync=ddp", f"checkpoint.resume={sharded / 'checkpoints' / 'step-20'}")
-    assert "written by 4 ranks, sharded, now 2" in rank0_log(ddp)
-    assert_same_model(ddp, sharded)
+    """A sharded checkpoint into 2-rank DDP and flat runs (the flat sync's gradients exist before the load:
+    torch would lay out no optimizer state for DCP to fill), and a one-process (replicated) one into a 2-rank
+    FSDP run: each continues to the end of the run that wrote it, Adam's moments included."""
+    for sync in ("ddp", "flat"):
+        out = train(
+            tmp_path / sync, 2, f"train.grad_sync={sync}", f"checkpoint.resume={sharded / 'checkpoints' / 'step-20'}"
+        )
+        assert "written by 4 ranks, sharded, now 2" in rank0_log(out)
+        assert_same_model(out, sharded)
     fsdp = train(tmp_path / "fsdp", 2, FSDP, f"checkpoint.resume={one_process / 'checkpoints' / 'step-20'}")
     assert "written by 1 ranks, replicated, now 2" in rank0_log(fsdp)
     assert_same_model(fsdp, one_process)

@@ -79,6 +79,13 @@ def render(cluster: ClusterConfig, folder: Path) -> str:
                 env={"OMP_NUM_THREADS": "8", "NOTE": "it's $HOME; rm -rf /"},
             ),
         ),
+        # Elastic: --nodes=1-2, each node's CPUs reserved by --mincpus, the ranks per node given to srun.
+        (
+            "site_gpu_elastic",
+            ClusterConfig(
+                name="site", submit=True, nodes=2, min_nodes=1, tasks_per_node=4, gpus_per_node=4, cpus_per_task=8
+            ),
+        ),
     ],
 )
 def test_rendered_sbatch_matches_golden(name, cluster, tmp_path):

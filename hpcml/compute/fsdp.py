@@ -77,15 +77,17 @@ class FSDPGradientSync:
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         policy = mixed_precision(cfg, ctx.device)
         units = shard_units(model)
-        for unit in units:
+        # Innermost first: fully_shard must reach a nested unit before the unit that holds it.
+        depth = {id(m): name.count(".") for name, m in model.named_modules()}
+        for unit in sorted(units, key=lambda u: -depth[id(u)]):
             fully_shard(unit, mesh=mesh, reshard_after_forward=cfg.fsdp_reshard_after_forward, mp_policy=policy)
         # The root gathers what no unit holds (embeddings, a final norm or head); it is used last in backward
         # and first in the next forward, so it never frees its parameters in between.
         fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
         log.info("FSDP: %d units and the root, over %d ranks", len(units), ctx.world_size)
         self.module = model
-        # Buffers (BatchNorm's running statistics) are not sharded: each rank would keep its own. As DDP does,
-        # every training forward starts from rank 0's, so all ranks hold, evaluate with and save the same.
+        # Buffers (BatchNorm's running statistics) are not sharded: each rank would keep its own. As under DDP,
+        # every training forward starts from rank 0's, and rank 0's are the ones saved (sharded.py).
         self._buffers = list(model.buffers())
         if self._buffers and ctx.world_size > 1:
             model.register_forward_pre_hook(self._broadcast_buffers)

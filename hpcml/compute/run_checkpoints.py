@@ -137,12 +137,16 @@ class RunCheckpoints:
             rng_states,
             self.cfg.keep_last,
             self.ctx,
-            before_commit=lambda partial: [hook(partial) for hook in self.before_commit],
+            before_commit=self._before_commit,
         )
         seconds = time.perf_counter() - started
         if self.last_committed is not None:
             log.info("checkpoint %s committed in %.2fs (sharded)", self.last_committed.name, seconds)
         return seconds
+
+    def _before_commit(self, partial: Path) -> None:
+        for hook in self.before_commit:
+            hook(partial)
 
     def prepare(self) -> None:
         """At start-up: the replicated writer allocates its staging buffers (sharded saves stage nothing)."""

@@ -65,24 +65,27 @@ def end_all_ranks(rank: int, exc: BaseException) -> None:
     mpi.abort_if_running(EXIT_FAILED)
 
 
-def record_job(output_dir: Path) -> None:
+def record_job(output_dir: Path, num_nodes: int) -> None:
     """Which Slurm job (and which restart of it) wrote this output directory, for `hpcml status`."""
     env = dict(os.environ)
     job_id = slurm_job.current_job_id(env)
     restarts = slurm_job.restart_count(env)
     path = output_dir / JOB_RECORD
-    # Start-up relaunches (batch_shell.sh) add up over the job's attempts: each attempt records once.
-    earlier_retries = 0
+    # Start-up relaunches (batch_shell.sh) add up over the job's attempts: each attempt records once. The node
+    # count of each attempt is kept too (an elastic job's attempts may differ).
+    earlier_retries, earlier_nodes = 0, []
     try:
         earlier = json.loads(path.read_text())
         if earlier.get("job_id") == job_id and earlier.get("restart_count", restarts) < restarts:
             earlier_retries = int(earlier.get("startup_retries", 0))
+            earlier_nodes = [int(n) for n in earlier.get("attempt_nodes", [])]
     except (OSError, ValueError, TypeError):
         pass
     record = {
         "job_id": job_id,
         "restart_count": restarts,
         "nodes": env.get("SLURM_JOB_NODELIST"),
+        "attempt_nodes": [*earlier_nodes, num_nodes],
         "started": time.time(),
         "startup_retries": earlier_retries + step_record.startup_retries(env),
     }
@@ -167,7 +170,7 @@ def run_training(cfg: TrainJobConfig) -> int:
             )
             if ctx.is_main:
                 step_record.mark_formed()  # from here on a failure is the job's own, not start-up's
-                record_job(Path(cfg.train.output_dir))
+                record_job(Path(cfg.train.output_dir), ctx.placement.num_nodes)
             trainer = Trainer(cfg, ctx, stop_coordinator(cfg, ctx, guard))
             install_fault_drills(trainer, cfg.fault)
             outcome = trainer.fit()

@@ -128,8 +128,8 @@ class Trainer:
         self.loss_watch = NonFiniteLossWatch(ctx)
         self.step_metrics = StepMetricsAverager(ctx, type(self.task).__name__)
         self.checkpoints = RunCheckpoints(cfg.checkpoint, ctx, self.checkpoint_dir, self.stateful)
-        # Called with the trainer after each step, between a step's micro-batches, and at each save just before
-        # rank 0 hands the state to its writer (drills.py); empty in a normal run.
+        # Called with the trainer after each step, between a step's micro-batches, and at each save before any
+        # state is written (drills.py); empty in a normal run.
         self.after_step: list[Hook] = []
         self.before_save: list[Hook] = []
         self.between_micro_batches: list[Hook] = []

@@ -1,6 +1,6 @@
 """`hpcml`: look after runs and sweeps from the login node.
 
-hpcml status outputs/sweeps/<time> [--watch]     one row per trial: state, restarts, start-up retries,
+hpcml status outputs/sweeps/<time> [--watch]     one row per trial: state, restarts, start-up retries, nodes per attempt,
                                                  step, metrics (--watch: refreshed until every trial has
                                                  ended); a single run's outputs/runs/<time> works too
 hpcml report outputs/sweeps/<time> --mode max|min [--metric NAME]   NAME: the sweep's launch.objective by default
@@ -17,7 +17,19 @@ from pathlib import Path
 from hpcml.errors import HpcmlError, SubmissionError, report_error
 from hpcml.login.sweep import TrialStatus, follow, load_sweep, resume_sweep, sweep_status
 
-COLUMNS = ("trial", "overrides", "state", "restarts", "retries", "step", "loss", "<objective>", "elapsed", "error")
+COLUMNS = (
+    "trial",
+    "overrides",
+    "state",
+    "restarts",
+    "retries",
+    "nodes",
+    "step",
+    "loss",
+    "<objective>",
+    "elapsed",
+    "error",
+)
 
 
 def _fmt(value: float | None) -> str:
@@ -34,6 +46,7 @@ def render_status(rows: list[TrialStatus], objective: str) -> str:
             r.state,
             str(r.restarts),
             str(r.startup_retries),
+            r.attempt_nodes,
             str(r.step),
             _fmt(r.loss),
             _fmt(r.objective),

@@ -14,7 +14,7 @@ from typing import Any
 import submitit
 
 import hpcml
-from hpcml.config import TrainJobConfig, to_plain_dict
+from hpcml.config import ClusterConfig, TrainJobConfig, to_plain_dict
 from hpcml.errors import SubmissionError
 from hpcml.job_entry import TrainingJob
 from hpcml.login import slurm
@@ -33,6 +33,11 @@ class HpcmlSlurmExecutor(submitit.SlurmExecutor):
 
     # submitit always renders `--signal=USR2@90`, and Slurm has no value that turns --signal off again.
     warning_signal: bool = True
+    # The most tasks the job runs (submitit's own count assumes a fixed node count).
+    max_tasks: int | None = None
+
+    def _num_tasks(self) -> int:
+        return self.max_tasks if self.max_tasks is not None else super()._num_tasks()
 
     @property
     def _submitit_command_str(self) -> str:
@@ -105,12 +110,34 @@ def make_executor(cfg: TrainJobConfig, folder: Path) -> submitit.SlurmExecutor:
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(c, key) is not None:
             params[key] = getattr(c, key)
+    if c.elastic:
+        _make_elastic(params, c)
+        executor.max_tasks = c.world_size
     if c.gpus_per_node:
         params["gpus_per_node"] = c.gpus_per_node
     if c.mem_gb is not None:
         params["mem"] = f"{c.mem_gb}GB"
     executor.update_parameters(**params)
     return executor
+
+
+def _make_elastic(params: dict[str, Any], c: ClusterConfig) -> None:
+    """`--nodes=<min>-<max>` with the ranks per node given to srun, not to sbatch.
+
+    Slurm fixes a job's task count when it first starts: with `--ntasks-per-node` in the batch script, a job
+    that ran on 2 nodes needs 2 nodes' worth of tasks after a requeue, and never fits on fewer (measured
+    on the local cluster). `--mincpus` reserves each node's CPUs instead, and srun starts the ranks on
+    whatever nodes this attempt got.
+    """
+    params["nodes"] = f"{c.min_nodes}-{c.nodes}"
+    params["ntasks_per_node"] = None
+    params["cpus_per_task"] = None
+    params["additional_parameters"]["mincpus"] = c.tasks_per_node * c.cpus_per_task
+    params["srun_args"] = [
+        *params["srun_args"],
+        f"--ntasks-per-node={c.tasks_per_node}",
+        f"--cpus-per-task={c.cpus_per_task}",
+    ]
 
 
 def prepare_job_folder(folder: Path) -> None:
@@ -144,15 +171,17 @@ def submit(cfg: TrainJobConfig) -> submitit.Job | None:
     prepare_job_folder(folder)
     executor = make_executor(cfg, folder)
     job = executor.submit(TrainingJob(to_plain_dict(cfg)))
-    print(f"submitted Slurm job {job.job_id}: {cfg.cluster.nodes} nodes x {cfg.cluster.tasks_per_node} ranks")
+    nodes = f"{cfg.cluster.min_nodes}-{cfg.cluster.nodes}" if cfg.cluster.elastic else cfg.cluster.nodes
+    print(f"submitted Slurm job {job.job_id}: {nodes} nodes x {cfg.cluster.tasks_per_node} ranks")
     print(f"  outputs: {output_dir}")
     print(f"  rank 0 log: {job.paths.stderr}")
     print(f"  follow:  squeue -j {job.job_id}   |   tail -f {job.paths.stderr}")
     return job
 
 
-def wait_for(job: submitit.Job, output_dir: str | Path, poll_s: float) -> dict[str, Any]:
-    """Block until the job ends; return its result.json, or raise with the failure and where to look."""
+def wait_for(job: submitit.Job, output_dir: str | Path, poll_s: float, elastic: bool = False) -> dict[str, Any]:
+    """Block until the job ends; return its result.json, or raise with the failure and where to look. An
+    elastic job's last attempt may have run fewer ranks than it could: only those are asked for an outcome."""
     print(f"job {job.job_id}: submitted", flush=True)
     final_state = poll_until(
         lambda: job.watcher.get_state(job.job_id, mode="force"),
@@ -163,11 +192,16 @@ def wait_for(job: submitit.Job, output_dir: str | Path, poll_s: float) -> dict[s
         # UNKNOWN: neither squeue nor sacct lists the job yet; "submitted" already says all that is known.
         lambda state: None if state == "UNKNOWN" else f"job {job.job_id}: {state}",
     )
+    result_path = Path(output_dir) / RESULT_FILE
     try:
-        job.results()  # one entry per rank; raises with the failing rank's traceback
+        if not elastic:
+            job.results()  # one entry per rank; raises with the failing rank's traceback
+        else:
+            ranks = json.loads(result_path.read_text())["world_size"] if result_path.exists() else 1
+            for rank in range(ranks):
+                job.task(rank).result()
     except Exception as err:  # submitit raises FailedJobError / UncompletedJobError with the rank's traceback
         raise SubmissionError(f"job {job.job_id} failed ({final_state}); log: {job.paths.stderr}\n{err}") from err
-    result_path = Path(output_dir) / RESULT_FILE
     if not result_path.exists():
         raise SubmissionError(f"job {job.job_id} ended but wrote no {result_path}; see {job.paths.stderr}")
     return json.loads(result_path.read_text())

@@ -174,6 +174,8 @@ class TrialStatus:
     restarts: int
     # Steps relaunched after dying at start-up outside the job's code (batch_shell.sh), over all attempts.
     startup_retries: int
+    # How many nodes each attempt ran on, first to last ("2,1": an elastic job that came back on one).
+    attempt_nodes: str
     step: int
     loss: float | None
     # The latest value of the sweep's objective metric (launch.objective) the trial logged.
@@ -226,6 +228,14 @@ def job_record_count(trial_dir: Path, key: str) -> int:
         return 0
 
 
+def attempt_nodes(trial_dir: Path) -> str:
+    """Each attempt's node count from the trial's slurm_job.json, comma-separated; "" before it exists."""
+    try:
+        return ",".join(str(int(n)) for n in json.loads((trial_dir / JOB_RECORD).read_text()).get("attempt_nodes", []))
+    except (OSError, ValueError, TypeError):
+        return ""
+
+
 def swept_overrides(sweep: Sweep) -> dict[int, list[str]]:
     """Each trial's overrides, keeping only the keys whose values differ between trials."""
     values: dict[str, set[str]] = {}
@@ -253,6 +263,7 @@ def sweep_status(sweep: Sweep) -> list[TrialStatus]:
                 state,
                 job_record_count(trial_dir, "restart_count"),
                 job_record_count(trial_dir, "startup_retries"),
+                attempt_nodes(trial_dir),
                 step,
                 loss,
                 value,

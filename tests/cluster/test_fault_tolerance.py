@@ -4,6 +4,7 @@ Every interrupted run must end bitwise equal to the same run uninterrupted, with
 interrupt. Runs are slowed (fault.step_sleep_s) so that an interrupt lands in the middle of training.
 """
 
+import json
 import os
 import random
 import re
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from cluster_jobs import SAME_TRANSPORT, finish, interrupt, job_id_of, new_out, rank0_log, submit, wait_for_step
 from helpers import (
     PYTHON,
@@ -46,27 +48,22 @@ USER_RUN = [
 
 
 @pytest.fixture(scope="module")
-def references() -> dict[str, str]:
+def references() -> dict[str, Path]:
     """The uninterrupted runs the interrupted ones must equal, bitwise: the built-in model's (DDP) and the
     user's (FSDP). Submitted together (each takes half the cluster's CPUs), and followed to the end."""
     runs = {"builtin": (new_out("reference"), []), "user": (new_out("user-reference"), USER_RUN)}
     running = {name: submit(out, *args, f"train.steps={STEPS}") for name, (out, args) in runs.items()}
     for proc in running.values():
         finish(proc)
-    return {name: read_result(out)["params_sha256"] for name, (out, _) in runs.items()}
+    return {name: out for name, (out, _) in runs.items()}
 
 
 @pytest.fixture(scope="module")
 def reference_sha(references):
-    return references["builtin"]
+    return read_result(references["builtin"])["params_sha256"]
 
 
-@pytest.fixture(scope="module")
-def user_reference_sha(references):
-    return references["user"]
-
-
-def test_every_kind_of_interrupt_in_one_sharded_run_of_user_code_resumes_bitwise_equal(user_reference_sha):
+def test_every_kind_of_interrupt_in_one_sharded_run_of_user_code_resumes_bitwise_equal(references):
     """`scontrol requeue`, `scancel --signal=TERM` and a preemption, in a random order at random steps of one
     FSDP run (2 nodes x 2 ranks) of a user's BatchNorm model on an augmenting Dataset with DataLoader workers:
     each attempt saves a sharded checkpoint, comes back by itself and resumes at exactly the step the last one
@@ -89,13 +86,72 @@ def test_every_kind_of_interrupt_in_one_sharded_run_of_user_code_resumes_bitwise
             time.sleep(0.5)
     finish(proc)
     result = read_result(out)
-    assert result["params_sha256"] == user_reference_sha and result["grad_sync"] == "fsdp"
+    assert result["params_sha256"] == read_result(references["user"])["params_sha256"] and result["grad_sync"] == "fsdp"
+    # BatchNorm's running statistics too: rank 0's, saved and restored by every attempt.
+    expected = torch.load(references["user"] / "model.pt", weights_only=True)
+    got = torch.load(out / "model.pt", weights_only=True)
+    statistics = [name for name in expected if "running" in name]
+    assert statistics and all(torch.equal(got[name], expected[name]) for name in statistics)
     assert result["resumed_from_step"] is not None and set(result["metrics"]) == {"val_mse"}
     history = attempts(job)
     assert history[-1] == "COMPLETED" and len(history) == len(kinds) + 1, history  # one restart per interrupt
     log = rank0_log(out, job)
     assert log.count("(signal): saving a checkpoint") == len(kinds), log[-3000:]
     assert_nothing_lost(log, STEPS, attempts=len(kinds) + 1)
+
+
+def wait_for_idle_cluster(timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while subprocess.run(["squeue", "-h"], capture_output=True, text=True, check=True).stdout.strip():
+        assert time.monotonic() < deadline, "the cluster never became idle"
+        time.sleep(1)
+
+
+def test_an_elastic_job_preempted_off_a_node_comes_back_on_the_other_with_the_same_sample_stream():
+    """cluster.min_nodes=1 (`--nodes=1-2`): a user's FSDP run on 2 nodes x 2 ranks, on a Dataset that draws
+    torch and numpy noise in __getitem__ read by two DataLoader workers per rank, loses a node to an urgent
+    job. Slurm requeues it; it comes back by itself on the one node left, reshards its checkpoint to 2 ranks
+    and ends where the same run uninterrupted on 4 ranks does, to float tolerance (the reduction order
+    differs). A worker seeded from process state, or a sampler that split the stream by world size, would not.
+    `hpcml status` shows each attempt's node count."""
+    run = [*USE, "+data.train.noise=0.3", "loader.num_workers=2", "train.grad_sync=fsdp", "train.steps=120"]
+    out = new_out("elastic")
+    wait_for_idle_cluster()  # so that the first attempt gets both nodes
+    proc = submit(out, *run, "cluster.min_nodes=1", "fault.step_sleep_s=0.1")
+    job = job_id_of(out)
+    wait_for_step(out, 40)
+    # One whole node for a minute: Slurm preempts ours to run it, and keeps that node while ours restarts.
+    urgent = subprocess.run(
+        ["sbatch", "--parsable", "-p", "urgent", "-N1", "--ntasks-per-node=4", "-o", "/dev/null", "--wrap", "sleep 60"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    try:
+        finish(proc)
+    finally:
+        subprocess.run(["scancel", urgent], check=False)  # the tests after this one need the node
+    result = read_result(out)
+    assert (result["world_size"], result["num_nodes"]) == (2, 1) and result["resumed_from_step"] is not None
+    assert json.loads((out / "slurm_job.json").read_text())["attempt_nodes"] == [2, 1]
+    # Rank 0 requeues the job itself once it has saved, or Slurm's preemption does: either is one restart.
+    history = attempts(job)
+    assert history[0] in ("PREEMPTED", "REQUEUED") and history[1:] == ["COMPLETED"], history
+    log = rank0_log(out, job)
+    assert "written by 4 ranks, sharded, now 2)" in log
+    assert_nothing_lost(log, 120, attempts=2)
+    status = subprocess.run(
+        [PYTHON, "-m", "hpcml.login.cli", "status", str(out)], cwd=ROOT, capture_output=True, text=True
+    )
+    header, row = status.stdout.splitlines()[:2]
+    assert row[header.index("nodes") :].split()[0] == "2,1", status.stdout
+    reference = new_out("elastic-reference")
+    finish(submit(reference, *run))
+    assert read_result(reference)["world_size"] == 4
+    expected = torch.load(reference / "model.pt", weights_only=True)
+    resumed = torch.load(out / "model.pt", weights_only=True)
+    for name, value in expected.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-4, atol=1e-5, msg=f"{name} differs")
 
 
 def test_time_limit_with_no_warning_signal_saves_on_its_own_clock_and_requeues(reference_sha):
@@ -129,7 +185,7 @@ def test_time_limit_with_no_warning_signal_saves_on_its_own_clock_and_requeues(r
 def test_kill_9_during_a_save_keeps_the_previous_checkpoint(layout, references):
     """Replicated (DDP): rank 0, the writer, dies mid-write. Sharded (FSDP): rank 3, on the second node, dies
     with its shard cut in half, after writing it and before the commit, while the others wait for it."""
-    args, reference = ([], references["builtin"]) if layout == "replicated" else (USER_RUN, references["user"])
+    args, reference_out = ([], references["builtin"]) if layout == "replicated" else (USER_RUN, references["user"])
     killed_rank = 0 if layout == "replicated" else 3
     out = new_out(f"kill9-{layout}")
     proc = submit(
@@ -155,7 +211,7 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint(layout, references):
     finish(submit(out, *args, f"train.steps={STEPS}"))
     result = read_result(out)
     assert result["resumed_from_step"] == 100
-    assert result["params_sha256"] == reference
+    assert result["params_sha256"] == read_result(reference_out)["params_sha256"]
     assert not (out / "checkpoints" / ".step-150.partial").exists()  # cleaned up by the next commit
 
 

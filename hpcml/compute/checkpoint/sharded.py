@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import DefaultSavePlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -41,7 +42,8 @@ from hpcml.compute.checkpoint.layout import (
 )
 from hpcml.compute.checkpoint.replicated import without_zip_crc32
 from hpcml.compute.dist import DistributedContext
-from hpcml.fileio import DEFAULT_CHECKSUM, FileDigest, digest_of, write_hashed
+from hpcml.errors import ConfigError
+from hpcml.fileio import DEFAULT_CHECKSUM, FileDigest, digest_of, fsync_dir, write_hashed
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +83,22 @@ def save_sharded(
 ) -> Path | None:
     """Write and commit one sharded checkpoint (a collective: every rank calls it with its `shards`; rank 0
     also gives `rest`, the replicated state, and every rank's `rng_states`). Returns the published folder on
-    rank 0, None elsewhere; every rank returns only once it is committed or the save failed.
-    `before_commit` is called on every rank with the partial folder once its shard is durable (fault drills)."""
+    rank 0, None elsewhere; every rank returns only once it is committed (when rank 0 fails to commit, the
+    others wait at the last barrier until the job is ended). `before_commit` is called on every rank with the partial folder once its shard is durable (fault drills)."""
     partial = partial_dir(directory, step)
     if ctx.is_main:
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
         (partial / SHARDS_DIR).mkdir(parents=True)
     _barrier(ctx)  # the folder exists, empty, before any rank writes into it
-    # sync_files: DCP fsyncs each file it writes, so a shard is durable before its checksum is sent.
-    dcp.save(shards, storage_writer=dcp.FileSystemWriter(partial / SHARDS_DIR, sync_files=True))
+    # sync_files: DCP fsyncs each file it writes, so a shard is durable before its checksum is sent. A tensor
+    # every rank holds whole (a BatchNorm buffer) is saved once, from rank 0, whose copy the run treats as
+    # the true one; DCP's default would take it from whichever rank had written least so far.
+    dcp.save(
+        shards,
+        storage_writer=dcp.FileSystemWriter(partial / SHARDS_DIR, sync_files=True),
+        planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True),
+    )
     mine = {f"{SHARDS_DIR}/{p.name}": file_entry(_digest(p)) for p in _files_of_rank(partial / SHARDS_DIR, ctx.rank)}
     if before_commit is not None:
         before_commit(partial)
@@ -108,8 +116,10 @@ def save_sharded(
             # A file no rank accounted for would go unverified: refuse to commit rather than trust it.
             raise CheckpointCorruptError(
                 f"{partial.name}: the shard files on disk ({sorted(written)}) are not the ones the ranks wrote "
-                f"({sorted(files)}); not committing it"
+                f"({sorted(files)}); not committing it. The previous checkpoint stays the newest; if this repeats, "
+                "check that checkpoint.dir is one shared filesystem that every node sees."
             )
+        fsync_dir(partial / SHARDS_DIR)  # the shards' directory entries, before the manifest vouches for them
         contents = {STATE_FILE: rest, **{rng_file(rank): rng for rank, rng in enumerate(rng_states)}}
         with without_zip_crc32():
             for name, obj in contents.items():
@@ -123,7 +133,16 @@ def save_sharded(
 def load_sharded_into(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load `path`'s model and optimizer shards into `model` and `optimizer`, resharded to this run's world
     size, or whole into an unsharded model (a collective: every rank calls it)."""
-    state = sharded_state(model, optimizer)
+    # torch lays out an optimizer's empty state (what DCP then fills) only for parameters without gradients:
+    # the flat gradient sync's gradients are views that exist from the start, so they step aside meanwhile.
+    grads = [(p, p.grad) for p in model.parameters()]
+    for p, _ in grads:
+        p.grad = None
+    try:
+        state = sharded_state(model, optimizer)
+    finally:
+        for p, grad in grads:
+            p.grad = grad
     dcp.load(state, checkpoint_id=path / SHARDS_DIR)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
@@ -145,9 +164,9 @@ def keyed_by_name(optimizer_state: dict, model: nn.Module) -> dict:
     names = [name for name, _ in model.named_parameters()]
     ids = [i for group in optimizer_state["param_groups"] for i in group["params"]]
     if len(ids) != len(names):
-        raise CheckpointCorruptError(
-            f"the checkpoint's optimizer holds {len(ids)} parameters, this model has {len(names)}: it was "
-            "written for another model"
+        raise ConfigError(
+            f"the checkpoint's optimizer holds {len(ids)} parameters, this model has {len(names)}: it was written "
+            "for another model. Resume with the model it was written with, or start fresh with checkpoint.resume=none."
         )
     return {
         "state": {names[i]: value for i, value in optimizer_state["state"].items()},
