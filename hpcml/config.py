@@ -29,6 +29,7 @@ GRAD_SYNCS = ("ddp", "flat", "fsdp")
 TRANSPORTS = ("auto", "torch", "mpi")
 PRECISIONS = ("fp32", "bf16", "fp16")
 RESUME_MODES = ("auto", "none")
+NCCL_DEBUG_LEVELS = ("", "VERSION", "WARN", "INFO", "TRACE")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -70,6 +71,13 @@ class ClusterConfig:
     setup: list[str] = field(default_factory=list)
     # Environment for every rank; OMP_NUM_THREADS=1 stops ranks sharing a node from oversubscribing it.
     env: dict[str, str] = field(default_factory=lambda: {"OMP_NUM_THREADS": "1"})
+    # The network NCCL and Gloo use between nodes (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME; e.g. ib0, or ^lo,docker
+    # to exclude): on nodes with several interfaces they may otherwise pick one the other nodes cannot reach, and
+    # the job hangs at its first collective until train.dist_timeout_s. None: their own choice.
+    network_interface: str | None = None
+    # NCCL_DEBUG for GPU jobs: WARN has NCCL explain a failure (which peer, which link) in the rank logs and say
+    # nothing otherwise; INFO to investigate a hang or slow start; "" leaves NCCL silent. cluster.env wins.
+    nccl_debug: str = "WARN"
     # A step whose ranks die before they form their world, with no error from the job's config or code (an
     # MPI start-up crash), is relaunched in the same allocation up to this many times (batch_shell.sh).
     startup_retries: int = 2
@@ -86,6 +94,13 @@ class ClusterConfig:
                 value is None or re.fullmatch(r"[^\s'\"`$;\\]+", value) is not None,
                 f"cluster.{key}={value!r}: no spaces, newlines, quotes, '$', ';' or backslashes allowed.",
             )
+        _require(
+            self.network_interface is None
+            or re.fullmatch(r"\^?[A-Za-z0-9_.:-]+(,[A-Za-z0-9_.:-]+)*", self.network_interface),
+            f"cluster.network_interface={self.network_interface!r} is not an interface list NCCL reads: give names "
+            "such as ib0 or eth0,eth1, or ^lo,docker0 to exclude some.",
+        )
+        _one_of("cluster.nccl_debug", self.nccl_debug, NCCL_DEBUG_LEVELS)
         for name in self.env:
             _require(
                 re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) is not None,
@@ -120,6 +135,16 @@ class ClusterConfig:
     def world_size(self) -> int:
         """The most ranks the job runs on (all of cluster.nodes)."""
         return self.nodes * self.tasks_per_node
+
+    @property
+    def job_env(self) -> dict[str, str]:
+        """What every rank's environment gets: the network and NCCL settings above, then cluster.env."""
+        settings = {}
+        if self.network_interface:
+            settings |= {"NCCL_SOCKET_IFNAME": self.network_interface, "GLOO_SOCKET_IFNAME": self.network_interface}
+        if self.gpus_per_node and self.nccl_debug:
+            settings["NCCL_DEBUG"] = self.nccl_debug
+        return settings | self.env
 
     @property
     def elastic(self) -> bool:

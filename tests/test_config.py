@@ -82,6 +82,8 @@ def test_wrong_type_fails_in_hydra():
             "data.train.path=/nonexistent/data.npz does not exist",
         ),
         (["cluster=local", "train.global_batch_size=30"], "does not split evenly over 4 ranks"),
+        (["cluster=local", "cluster.network_interface='eth0; rm'"], "is not an interface list NCCL reads"),
+        (["cluster=local", "cluster.nccl_debug=LOUD"], "cluster.nccl_debug='LOUD' is not one of"),
         (["cluster=local", "cluster.min_nodes=3"], "cluster.min_nodes=3 must be between 1 and cluster.nodes=2"),
         (
             ["cluster=local", "cluster.nodes=3", "cluster.min_nodes=2", "train.global_batch_size=44"],

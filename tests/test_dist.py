@@ -4,7 +4,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hpcml.compute.dist import gpu_sharing_ranks, make_store, select_backend, select_device
+from hpcml.compute.dist import (
+    gpu_sharing_ranks,
+    make_store,
+    require_nccl_error_handling,
+    select_backend,
+    select_device,
+)
 from hpcml.compute.env import ProcessPlacement, SingleProcessEnvironment, TorchrunEnvironment
 from hpcml.errors import ConfigError, RendezvousError
 
@@ -68,3 +74,14 @@ def test_ranks_that_share_a_gpu_are_found_through_the_store():
     placement = ProcessPlacement(4, 8, 0, 3, 1, 2)
     assert gpu_sharing_ranks(store, placement, "a", "GPU-aaa") == [4, 6]
     assert gpu_sharing_ranks(store, ProcessPlacement(5, 8, 1, 3, 1, 2), "a", "GPU-bbb") == [5]
+
+
+def test_nccl_error_handling_turned_off_by_a_site_is_turned_back_on(caplog):
+    """Off (0), a hung NCCL collective would never end; torch's default (3, unset) and other modes stay."""
+    environ = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}
+    require_nccl_error_handling(environ)
+    assert environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3" and "would let a hung NCCL collective" in caplog.text
+    for kept in ({}, {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}):
+        before = dict(kept)
+        require_nccl_error_handling(kept)
+        assert kept == before

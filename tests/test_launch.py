@@ -38,10 +38,30 @@ def test_a_fitting_job_passes(two_partitions):
 
 
 def test_partitions_parses_sinfo(monkeypatch):
-    monkeypatch.setattr(slurm, "run", lambda cmd: "batch* 1\nbatch* 1\nurgent 2\n")
+    sinfo = "batch* 1 (null)\nbatch* 1 (null)\nurgent 2 (null)\ngpu 3 gpu:a100:4(S:0-1)\ngpu 1 gpu:2\n"
+    monkeypatch.setattr(slurm, "run", lambda cmd: sinfo)
     found = slurm.partitions()
-    assert found["batch"] == slurm.Partition("batch", 2, True)
-    assert found["urgent"] == slurm.Partition("urgent", 2, False)
+    assert found["batch"] == slurm.Partition("batch", 2, True, 0)
+    assert found["urgent"] == slurm.Partition("urgent", 2, False, 0)
+    assert found["gpu"] == slurm.Partition("gpu", 4, False, 4)
+
+
+def test_more_gpus_per_node_than_the_partition_has_is_refused(monkeypatch):
+    monkeypatch.setattr(slurm, "partitions", lambda: {"gpu": slurm.Partition("gpu", 4, True, 4)})
+    launch.preflight(TrainJobConfig(cluster=ClusterConfig(submit=True, tasks_per_node=4, gpus_per_node=4)))
+    too_many = ClusterConfig(submit=True, tasks_per_node=8, gpus_per_node=8)
+    with pytest.raises(SubmissionError, match="cluster.gpus_per_node=8 but partition gpu has 4 GPUs per node"):
+        launch.preflight(TrainJobConfig(cluster=too_many))
+    monkeypatch.setattr(slurm, "partitions", lambda: {"cpu": slurm.Partition("cpu", 4, True, 0)})
+    with pytest.raises(SubmissionError, match="partition cpu has no GPUs"):
+        launch.preflight(TrainJobConfig(cluster=ClusterConfig(submit=True, tasks_per_node=4, gpus_per_node=4)))
+
+
+def test_network_interface_and_nccl_debug_reach_every_rank_and_cluster_env_wins(tmp_path):
+    cluster = ClusterConfig(submit=True, network_interface="ib0", gpus_per_node=1, env={"NCCL_DEBUG": "INFO"})
+    text = render(cluster, tmp_path)
+    assert "export NCCL_SOCKET_IFNAME=ib0\nexport GLOO_SOCKET_IFNAME=ib0\nexport NCCL_DEBUG=INFO\n" in text
+    assert "NCCL_DEBUG" not in render(ClusterConfig(submit=True), tmp_path)  # a CPU job: no NCCL
 
 
 def test_missing_slurm_client_is_a_clear_error(monkeypatch):

@@ -23,6 +23,7 @@ BENCHMARKS = {
     "training": "hpcml.bench.training",
     "seam": "hpcml.bench.seam",
     "lm": "hpcml.bench.lm",
+    "sharding": "hpcml.bench.sharding",
     "checkpoints": "hpcml.bench.checkpoints",
     "startup": "hpcml.bench.startup",
     "submission": "hpcml.bench.submission",

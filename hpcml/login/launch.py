@@ -64,6 +64,13 @@ def preflight(cfg: TrainJobConfig) -> None:
         raise SubmissionError(
             f"cluster.nodes={c.nodes} but partition {chosen.name} has only {chosen.nodes} nodes; lower cluster.nodes."
         )
+    if chosen is not None and c.gpus_per_node > chosen.gpus_per_node:
+        # Slurm would hold the job pending for ever (or reject it with a message about gres); say it plainly.
+        has = f"{chosen.gpus_per_node} GPUs per node" if chosen.gpus_per_node else "no GPUs"
+        raise SubmissionError(
+            f"cluster.gpus_per_node={c.gpus_per_node} but partition {chosen.name} has {has}; pick a partition "
+            "with GPUs (cluster.partition) or lower cluster.gpus_per_node (0: a CPU job)."
+        )
 
 
 def batch_shell_setup(cfg: TrainJobConfig, folder: Path) -> list[str]:
@@ -95,7 +102,11 @@ def make_executor(cfg: TrainJobConfig, folder: Path) -> submitit.SlurmExecutor:
         cpus_per_task=c.cpus_per_task,
         time=c.time_min,
         srun_args=list(c.srun_args),
-        setup=[*c.setup, *(f"export {k}={_shell_quote(v)}" for k, v in c.env.items()), *batch_shell_setup(cfg, folder)],
+        setup=[
+            *c.setup,
+            *(f"export {k}={_shell_quote(v)}" for k, v in c.job_env.items()),
+            *batch_shell_setup(cfg, folder),
+        ],
         stderr_to_stdout=False,
         # Only used by job arrays (sweeps): how many trials may run at once.
         array_parallelism=cfg.launch.array_parallelism,

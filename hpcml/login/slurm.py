@@ -13,21 +13,31 @@ class Partition:
     name: str
     nodes: int
     is_default: bool
+    # The most GPUs any of its nodes has (gres gpu), 0 without.
+    gpus_per_node: int = 0
 
 
 def partitions() -> dict[str, Partition]:
-    """The cluster's partitions with their node counts; the default one is flagged."""
+    """The cluster's partitions with their node counts and GPUs per node; the default one is flagged."""
     found: dict[str, Partition] = {}
-    for line in run(["sinfo", "-h", "-o", "%P %D"]).splitlines():
-        name, count = line.split()
+    for line in run(["sinfo", "-h", "-o", "%P %D %G"]).splitlines():
+        name, count, *gres = line.split()
         is_default = name.endswith("*")
         name = name.rstrip("*")
-        # sinfo prints one line per node state; add them up.
+        # sinfo prints one line per node state (and kind of node); add them up.
         prev = found.get(name)
         found[name] = Partition(
-            name, int(count) + (prev.nodes if prev else 0), is_default or bool(prev and prev.is_default)
+            name,
+            int(count) + (prev.nodes if prev else 0),
+            is_default or bool(prev and prev.is_default),
+            max(gpus_in_gres(" ".join(gres)), prev.gpus_per_node if prev else 0),
         )
     return found
+
+
+def gpus_in_gres(gres: str) -> int:
+    """GPUs per node in sinfo's %G: `gpu:4`, `gpu:a100:4(S:0-1)`, `gpu:a100:2,gpu:v100:2`, `(null)`."""
+    return sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[^:,(\s]+)?:(\d+)", gres))
 
 
 def max_array_size() -> int:
