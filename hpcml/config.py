@@ -378,7 +378,8 @@ class CheckpointConfig:
     every_minutes: float = 0.0
     # Older verified checkpoints beyond this many are deleted after each commit.
     keep_last: int = 3
-    # Copy the state to CPU at the step boundary and write it on a background thread (rank 0).
+    # Copy the state to CPU at the step boundary and write it on a background thread (rank 0; every rank for
+    # a sharded checkpoint).
     async_save: bool = False
     # auto: resume from the newest verified checkpoint if there is one; none: start fresh;
     # or the path of one step-<N> folder to start from.
@@ -481,11 +482,6 @@ class TrainJobConfig:
             self.fault.pause_between_micro_batches_at_step is None or self.train.grad_accum_steps > 1,
             "fault.pause_between_micro_batches_at_step needs train.grad_accum_steps of 2 or more: with one "
             "micro-batch a step has no in-between.",
-        )
-        _require(
-            not (self.train.grad_sync == "fsdp" and self.checkpoint.async_save),
-            "checkpoint.async_save=true is not available with train.grad_sync=fsdp yet: sharded checkpoints are "
-            "written by every rank in parallel, at the step boundary. Set checkpoint.async_save=false.",
         )
         if self.cluster.submit:
             for nodes in self.cluster.node_counts:

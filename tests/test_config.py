@@ -91,7 +91,6 @@ def test_wrong_type_fails_in_hydra():
         ),
         (["train.grad_sync=fsdp", "train.precision=fp16"], "train.precision=fp16 needs a loss scaler"),
         (["train.grad_sync=fsdp", "train.transport=mpi"], "train.grad_sync=fsdp reduce-scatters"),
-        (["train.grad_sync=fsdp", "checkpoint.async_save=true"], "not available with train.grad_sync=fsdp yet"),
         (["cluster=example_site", "cluster.gpus_per_node=2"], "one rank per GPU"),
     ],
 )

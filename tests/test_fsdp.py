@@ -122,6 +122,25 @@ def test_ddp_and_fsdp_checkpoints_load_into_each_other(one_process, sharded, tmp
 
 
 @pytest.mark.mpi
+def test_asynchronous_sharded_saves_change_nothing_and_resume_like_synchronous_ones(sharded, tmp_path):
+    """checkpoint.async_save=true under FSDP: saves every 10 steps written in the background while training
+    goes on; the run ends bitwise where the synchronous one did, every kept checkpoint verifies, and one of
+    them resumes at 2 ranks to the same result."""
+    out = train(tmp_path / "async", 4, FSDP, "train.grad_accum_steps=2", "checkpoint.async_save=true",
+                "checkpoint.every_steps=10")  # fmt: skip
+    got = torch.load(out / "model.pt", weights_only=True)
+    expected = torch.load(sharded / "model.pt", weights_only=True)
+    assert all(torch.equal(got[name], value) for name, value in expected.items())
+    kept = sorted(p.name for p in ckpt.list_checkpoints(out / "checkpoints"))
+    assert kept == ["step-20", "step-30", "step-40"]  # keep_last=3
+    for name in kept:
+        assert ckpt.layout_of(ckpt.verify_checkpoint(out / "checkpoints" / name)) == "sharded"
+    resumed = train(tmp_path / "resumed", 2, FSDP, f"checkpoint.resume={out / 'checkpoints' / 'step-30'}")
+    assert read_result(resumed)["resumed_from_step"] == 30
+    assert_same_model(resumed, sharded)
+
+
+@pytest.mark.mpi
 def test_a_truncated_or_missing_shard_is_detected_and_the_previous_checkpoint_used(sharded, tmp_path):
     damaged = {}
     for kind in ("truncated", "missing", "flipped"):

@@ -42,6 +42,12 @@ class RunCheckpoints:
             if ctx.is_main and not self.sharded
             else None
         )
+        # Sharded saves are every rank's (building the writer is a collective when it is asynchronous).
+        self.sharded_writer = (
+            sharded.ShardedCheckpointWriter(directory, cfg.keep_last, cfg.async_save, ctx, self._before_commit)
+            if self.sharded
+            else None
+        )
         self.last_committed: Path | None = None
         # Called on every rank with the partial folder of a sharded save, once that rank's shard is durable and
         # before the commit (drills.py); empty in a normal run.
@@ -113,7 +119,7 @@ class RunCheckpoints:
             rng_states = [None] * self.ctx.world_size
             dist.all_gather_object(rng_states, ckpt.capture_rng_state())
         if self.sharded:
-            return self._save_sharded(step, header, rng_states)
+            return self._save_sharded(step, header, rng_states, wait)
         if self.writer is None:
             return 0.0
         # An async writer copies the live state on its own thread, while the next step's forward and backward
@@ -126,23 +132,13 @@ class RunCheckpoints:
         self.last_committed = self.writer.last_committed
         return max(time.perf_counter() - started, self.writer.last_write_s or 0.0)
 
-    def _save_sharded(self, step: int, header: dict[str, Any], rng_states: list[dict[str, Any]]) -> float:
+    def _save_sharded(self, step: int, header: dict[str, Any], rng_states: list[dict[str, Any]], wait: bool) -> float:
         started = time.perf_counter()
-        self.last_committed = sharded.save_sharded(
-            self.directory,
-            step,
-            header,
-            sharded.sharded_state(self.model, self.optimizer),
-            self.replicated_state() if self.ctx.is_main else None,
-            rng_states,
-            self.cfg.keep_last,
-            self.ctx,
-            before_commit=self._before_commit,
-        )
-        seconds = time.perf_counter() - started
-        if self.last_committed is not None:
-            log.info("checkpoint %s committed in %.2fs (sharded)", self.last_committed.name, seconds)
-        return seconds
+        rest = self.replicated_state() if self.ctx.is_main else None
+        shards = sharded.sharded_state(self.model, self.optimizer)
+        self.sharded_writer.submit(sharded.ShardedSave(step, header, shards, rest, rng_states), wait)
+        self.last_committed = self.sharded_writer.last_committed
+        return max(time.perf_counter() - started, self.sharded_writer.last_write_s or 0.0)
 
     def _before_commit(self, partial: Path) -> None:
         for hook in self.before_commit:

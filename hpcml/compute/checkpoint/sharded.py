@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +43,9 @@ from hpcml.compute.checkpoint.layout import (
     prune_checkpoints,
     rng_file,
 )
-from hpcml.compute.checkpoint.replicated import without_zip_crc32
+from hpcml.compute.checkpoint.replicated import StagingArea, without_zip_crc32
 from hpcml.compute.dist import DistributedContext
-from hpcml.errors import ConfigError
+from hpcml.errors import ConfigError, HpcmlError
 from hpcml.fileio import DEFAULT_CHECKSUM, FileDigest, digest_of, fsync_dir, write_hashed
 
 log = logging.getLogger(__name__)
@@ -70,64 +73,123 @@ def _files_of_rank(shards: Path, rank: int) -> list[Path]:
     return [*mine, shards / ".metadata"] if rank == 0 else mine
 
 
-def save_sharded(
-    directory: Path,
-    step: int,
-    header: dict[str, Any],
-    shards: dict[str, Any],
-    rest: dict[str, Any] | None,
-    rng_states: list[dict[str, Any]] | None,
-    keep_last: int,
-    ctx: DistributedContext,
-    before_commit: Callable[[Path], None] | None = None,
-) -> Path | None:
-    """Write and commit one sharded checkpoint (a collective: every rank calls it with its `shards`; rank 0
-    also gives `rest`, the replicated state, and every rank's `rng_states`). Returns the published folder on
-    rank 0, None elsewhere; every rank returns only once it is committed (when rank 0 fails to commit, the
-    others wait at the last barrier until the job is ended). `before_commit` is called on every rank with the partial folder once its shard is durable (fault drills)."""
-    partial = partial_dir(directory, step)
-    if ctx.is_main:
-        directory.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
-        (partial / SHARDS_DIR).mkdir(parents=True)
-    _barrier(ctx)  # the folder exists, empty, before any rank writes into it
-    # sync_files: DCP fsyncs each file it writes, so a shard is durable before its checksum is sent. A tensor
-    # every rank holds whole (a BatchNorm buffer) is saved once, from rank 0, whose copy the run treats as
-    # the true one; DCP's default would take it from whichever rank had written least so far.
-    dcp.save(
-        shards,
-        storage_writer=dcp.FileSystemWriter(partial / SHARDS_DIR, sync_files=True),
-        planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True),
-    )
-    mine = {f"{SHARDS_DIR}/{p.name}": file_entry(_digest(p)) for p in _files_of_rank(partial / SHARDS_DIR, ctx.rank)}
-    if before_commit is not None:
-        before_commit(partial)
-    gathered = [mine]
-    if ctx.world_size > 1:
-        gathered = [None] * ctx.world_size if ctx.is_main else None
-        dist.gather_object(mine, gathered, dst=0)
-    committed = None
-    if ctx.is_main:
-        files: dict[str, dict[str, Any]] = {
-            name: entry for rank_files in gathered for name, entry in rank_files.items()
+@dataclass(frozen=True)
+class ShardedSave:
+    """One sharded checkpoint to write: every rank's `shards`; on rank 0 also `rest`, the replicated state,
+    and every rank's `rng_states` (None elsewhere)."""
+
+    step: int
+    header: dict[str, Any]
+    shards: dict[str, Any]
+    rest: dict[str, Any] | None
+    rng_states: list[dict[str, Any]] | None
+
+
+class ShardedCheckpointWriter:
+    """Writes sharded checkpoints, every rank its shard: inline, or (`asynchronous`) with DCP copying the
+    state to CPU at the step boundary and each rank writing, hashing and committing on a background thread,
+    over a process group of its own (gloo; a save's collectives never interleave with training's). Never two
+    saves in flight. `before_commit` is called on every rank with the partial folder once its shard is
+    durable (fault drills)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        keep_last: int,
+        asynchronous: bool,
+        ctx: DistributedContext,
+        before_commit: Callable[[Path], None] = lambda partial: None,
+    ):
+        self.directory, self.keep_last, self.asynchronous, self.ctx = directory, keep_last, asynchronous, ctx
+        self.before_commit = before_commit
+        # A collective: every rank builds its writer at the same point. DCP's own asynchronous save crashed or
+        # hung on the training's group (measured); on a group of its own it does not.
+        self.group = dist.new_group(backend="gloo") if asynchronous else None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_committed: Path | None = None
+        self.last_write_s: float | None = None
+
+    def submit(self, save: ShardedSave, wait: bool) -> None:
+        """Write `save` (a collective: every rank calls it at the same step boundary). Inline, or handed to the
+        background thread once DCP has copied the shards; `wait` returns only when it is committed."""
+        self.wait()  # the previous save is committed (or has failed) before the next starts
+        started = time.perf_counter()
+        partial = partial_dir(self.directory, save.step)
+        if self.ctx.is_main:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
+            (partial / SHARDS_DIR).mkdir(parents=True)
+        _barrier(self.ctx)  # the folder exists, empty, before any rank writes into it
+        # sync_files: DCP fsyncs each file it writes, so a shard is durable before its checksum is sent. A tensor
+        # every rank holds whole (a BatchNorm buffer) is saved once, from rank 0, whose copy the run treats as
+        # the true one; DCP's default would take it from whichever rank had written least so far.
+        writer = dcp.FileSystemWriter(partial / SHARDS_DIR, sync_files=True)
+        planner = DefaultSavePlanner(dedup_save_to_lowest_rank=True)
+        if not self.asynchronous:
+            dcp.save(save.shards, storage_writer=writer, planner=planner)
+            self._commit(partial, save, started)
+            return
+        # async_save returns once the shards are copied to CPU; training may then change the live state.
+        written = dcp.async_save(save.shards, storage_writer=writer, planner=planner, process_group=self.group)
+        rest = StagingArea().copy(save.rest) if save.rest is not None else None
+        later = ShardedSave(save.step, save.header, {}, rest, save.rng_states)
+        self._thread = threading.Thread(
+            target=self._finish, args=(written, partial, later, started), name="hpcml-sharded-checkpoint"
+        )
+        self._thread.start()
+        if wait:
+            self.wait()
+
+    def _finish(self, written, partial: Path, save: ShardedSave, started: float) -> None:
+        try:
+            written.result()
+            self._commit(partial, save, started)
+        except BaseException as err:  # surfaced on the training thread by wait()
+            self._error = err
+
+    def _commit(self, partial: Path, save: ShardedSave, started: float) -> None:
+        """Every rank hashes its files and sends the digests to rank 0, which writes the replicated rest and
+        commits; no rank returns before the commit (when rank 0 fails to commit, the others wait at the last
+        barrier until the job is ended)."""
+        mine = {
+            f"{SHARDS_DIR}/{p.name}": file_entry(_digest(p))
+            for p in _files_of_rank(partial / SHARDS_DIR, self.ctx.rank)
         }
-        written = {f"{SHARDS_DIR}/{p.name}" for p in (partial / SHARDS_DIR).iterdir()}
-        if written != set(files):
-            # A file no rank accounted for would go unverified: refuse to commit rather than trust it.
-            raise CheckpointCorruptError(
-                f"{partial.name}: the shard files on disk ({sorted(written)}) are not the ones the ranks wrote "
-                f"({sorted(files)}); not committing it. The previous checkpoint stays the newest; if this repeats, "
-                "check that checkpoint.dir is one shared filesystem that every node sees."
-            )
-        fsync_dir(partial / SHARDS_DIR)  # the shards' directory entries, before the manifest vouches for them
-        contents = {STATE_FILE: rest, **{rng_file(rank): rng for rank, rng in enumerate(rng_states)}}
-        with without_zip_crc32():
-            for name, obj in contents.items():
-                files[name] = file_entry(write_hashed(partial / name, lambda f, obj=obj: torch.save(obj, f)))
-        committed = commit(partial, step, {"layout": SHARDED, **header}, files)
-        prune_checkpoints(directory, keep_last)
-    _barrier(ctx)  # no rank goes on believing a save done that rank 0 could not commit
-    return committed
+        self.before_commit(partial)
+        gathered = [mine]
+        if self.ctx.world_size > 1:
+            gathered = [None] * self.ctx.world_size if self.ctx.is_main else None
+            dist.gather_object(mine, gathered, dst=0, group=self.group)
+        if self.ctx.is_main:
+            files = {name: entry for rank_files in gathered for name, entry in rank_files.items()}
+            written = {f"{SHARDS_DIR}/{p.name}" for p in (partial / SHARDS_DIR).iterdir()}
+            if written != set(files):
+                # A file no rank accounted for would go unverified: refuse to commit rather than trust it.
+                raise CheckpointCorruptError(
+                    f"{partial.name}: the shard files on disk ({sorted(written)}) are not the ones the ranks wrote "
+                    f"({sorted(files)}); not committing it. The previous checkpoint stays the newest; if this "
+                    "repeats, check that checkpoint.dir is one shared filesystem that every node sees."
+                )
+            fsync_dir(partial / SHARDS_DIR)  # the shards' directory entries, before the manifest vouches for them
+            contents = {STATE_FILE: save.rest, **{rng_file(rank): rng for rank, rng in enumerate(save.rng_states)}}
+            with without_zip_crc32():
+                for name, obj in contents.items():
+                    files[name] = file_entry(write_hashed(partial / name, lambda f, obj=obj: torch.save(obj, f)))
+            self.last_committed = commit(partial, save.step, {"layout": SHARDED, **save.header}, files)
+            prune_checkpoints(self.directory, self.keep_last)
+            self.last_write_s = time.perf_counter() - started
+            log.info("checkpoint %s committed in %.2fs (sharded)", self.last_committed.name, self.last_write_s)
+        if self.ctx.world_size > 1:
+            dist.barrier(group=self.group)  # no rank goes on believing a save done that rank 0 could not commit
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise HpcmlError(f"writing a sharded checkpoint to {self.directory} failed: {err}") from err
 
 
 def load_sharded_into(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
