@@ -81,6 +81,10 @@ class ClusterConfig:
     # A step whose ranks die before they form their world, with no error from the job's config or code (an
     # MPI start-up crash), is relaunched in the same allocation up to this many times (batch_shell.sh).
     startup_retries: int = 2
+    # A job that loses ranks to a signal or a failed node after training began (an OOM kill, a node crash),
+    # with no error from its own code, requeues itself without that node and resumes, up to this many times
+    # (0: it fails instead). srun launches only (the batch shell reads srun's report of which node it was).
+    max_migrations: int = 3
 
     def __post_init__(self) -> None:
         _require(
@@ -120,6 +124,9 @@ class ClusterConfig:
         )
         _require(
             self.startup_retries >= 0, f"cluster.startup_retries={self.startup_retries} cannot be negative (0: never)."
+        )
+        _require(
+            self.max_migrations >= 0, f"cluster.max_migrations={self.max_migrations} cannot be negative (0: never)."
         )
         _require(self.cpus_per_task >= 1, f"cluster.cpus_per_task={self.cpus_per_task} must be 1 or more.")
         _require(self.gpus_per_node >= 0, f"cluster.gpus_per_node={self.gpus_per_node} cannot be negative.")

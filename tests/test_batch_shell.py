@@ -27,24 +27,33 @@ case $fate in
   formed:*) mkdir -p "$HPCML_STEP_RECORD"; touch "$HPCML_STEP_RECORD/formed"; exit ${fate#*:} ;;
   user:*) mkdir -p "$HPCML_STEP_RECORD"; touch "$HPCML_STEP_RECORD/user_error.x.1"; exit ${fate#*:} ;;
   crash:*) mkdir -p "$HPCML_STEP_RECORD"; exit ${fate#*:} ;;
+  lost:*) mkdir -p "$HPCML_STEP_RECORD"; touch "$HPCML_STEP_RECORD/formed"
+          [ -n "${ALSO_USER_ERROR:-}" ] && touch "$HPCML_STEP_RECORD/user_error.x.1"
+          echo "srun: error: ${fate#lost:}: tasks 2-3: Killed" >&2
+          echo "srun: launch/slurm: _step_signal: Terminating StepId=7.0" >&2
+          echo "srun: error: n1: tasks 0-1: Killed" >&2
+          exit 137 ;;
   wait) trap 'echo got-usr2 >> "$WORK/signals"; exit 3' USR2; touch "$WORK/waiting"
         for i in $(seq 200); do sleep 0.05; done; exit 9 ;;
 esac
 """
 SCONTROL = r"""#!/bin/bash
 echo "$*" >> "$WORK/scontrol"
-[ "$1" = show ] && echo "JobId=7 JobState=${JOB_STATE:-RUNNING} Reason=None"
+[ "$1" = show ] && echo "JobId=7 JobState=${JOB_STATE:-RUNNING} Reason=None ExcNodeList=${EXCLUDED:-(null)}"
 exit 0
+"""
+SINFO = r"""#!/bin/bash
+printf '%s\n' n1 n2 n1
 """
 SACCT = r"""#!/bin/bash
 echo "${ACCT_STATE:-RUNNING}"
 """
 
 
-def run_step(tmp_path: Path, step: str = STEP, **env: str) -> tuple[subprocess.Popen, Path]:
+def run_step(tmp_path: Path, step: str = STEP, launcher: str = "step", **env: str) -> tuple[subprocess.Popen, Path]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("step", step), ("scontrol", SCONTROL), ("sacct", SACCT)):
+    for name, text in ((launcher, step), ("scontrol", SCONTROL), ("sacct", SACCT), ("sinfo", SINFO)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     environ = {
@@ -54,9 +63,12 @@ def run_step(tmp_path: Path, step: str = STEP, **env: str) -> tuple[subprocess.P
         "SLURM_JOB_ID": "7",
         "HPCML_STEP_RECORDS": str(tmp_path / "records"),
         "HPCML_MAX_REQUEUES": "5",
+        "HPCML_MAX_MIGRATIONS": "3",
+        "HPCML_MIN_NODES": "1",
+        "SLURM_JOB_PARTITION": "batch",
         **env,
     }
-    script = f"set -euo pipefail; source {SHELL}; hpcml_run_step step"
+    script = f"set -euo pipefail; source {SHELL}; hpcml_run_step {launcher}"
     proc = subprocess.Popen(["bash", "-c", script], env=environ, stderr=subprocess.PIPE, text=True)
     return proc, tmp_path
 
@@ -90,6 +102,36 @@ def test_start_up_retries_are_bounded(tmp_path):
 def test_a_failure_of_the_job_itself_is_not_retried(tmp_path, fate):
     proc, work = run_step(tmp_path, FATE_1=fate)
     assert proc.wait(30) == int(fate.split(":")[1]) and launches(work) == 1
+
+
+def test_ranks_killed_on_a_node_after_the_world_formed_requeue_the_job_without_that_node(tmp_path):
+    """srun's report names the node whose ranks died of a signal (n2); the ranks it then ended itself (n1,
+    killed after "Terminating StepId") are not lost. The job is requeued, then its ExcNodeList set while it
+    is pending."""
+    proc, work = run_step(tmp_path, launcher="srun", FATE_1="lost:n2", EXCLUDED="n3")
+    assert proc.wait(30) == 3 and launches(work) == 1
+    calls = (work / "scontrol").read_text().splitlines()
+    assert calls[-2:] == ["requeue 7", "update jobid=7 ExcNodeList=n2,n3"]
+    assert (work / "records" / "migrations-7").read_text() == "n2\n"
+    err = proc.stderr.read()
+    assert "srun: error: n2: tasks 2-3: Killed" in err  # srun's own words still reach the job log
+    assert "lost the ranks on n2" in err and "migration 1 of 3" in err
+
+
+@pytest.mark.parametrize(
+    "env, said",
+    [
+        ({"ALSO_USER_ERROR": "1"}, None),  # a rank's own code failed: the job fails, whatever else died
+        ({"HPCML_MAX_MIGRATIONS": "0"}, "the migration cap is reached (0 of 0"),
+        ({"HPCML_MIN_NODES": "2"}, "only 1 nodes of partition batch would be left and the job needs 2"),
+    ],
+)
+def test_a_lost_peer_is_not_migrated_after_a_user_error_at_the_cap_or_without_enough_nodes(tmp_path, env, said):
+    proc, work = run_step(tmp_path, launcher="srun", FATE_1="lost:n2", **env)
+    assert proc.wait(30) == 137 and launches(work) == 1
+    assert "requeue" not in ((work / "scontrol").read_text() if (work / "scontrol").exists() else "")
+    if said:
+        assert said in proc.stderr.read()
 
 
 def wait_for(path: Path) -> None:

@@ -77,7 +77,9 @@ def test_status_table_and_rerun_rule(tmp_path, monkeypatch):
     sweep = make_sweep(tmp_path, {0: 0.9, 1: None, 2: None}, objective="val_bleu")
     assert sw.load_sweep(tmp_path).objective == "val_bleu"
     (tmp_path / "0" / "result.json").write_text("{}")
-    (tmp_path / "0" / "slurm_job.json").write_text('{"restart_count": 1, "attempt_nodes": [2, 1]}')
+    (tmp_path / "0" / "slurm_job.json").write_text(
+        '{"restart_count": 1, "attempt_nodes": [2, 1], "lost_nodes": ["n2"]}'
+    )
     monkeypatch.setattr(
         sw.slurm,
         "array_task_states",
@@ -85,12 +87,13 @@ def test_status_table_and_rerun_rule(tmp_path, monkeypatch):
     )
     rows = sw.sweep_status(sweep)
     assert [r.attempt_nodes for r in rows] == ["2,1", "", ""] and rows[0].restarts == 1
+    assert [r.lost_nodes for r in rows] == ["n2", "", ""]
     assert [r.state for r in rows] == ["COMPLETED", "FAILED", "RUNNING"]
     assert rows[0].step == 30 and rows[0].objective == 0.9 and rows[2].loss == pytest.approx(2 / 30)
     table = render_status(rows, sweep.objective)
     header, first = table.splitlines()[:2]
-    assert header.split()[8] == "val_bleu" and "0.9" in first
-    assert first[header.index("nodes") :].split()[0] == "2,1"
+    assert header.split()[9] == "val_bleu" and "0.9" in first
+    assert first[header.index("nodes") :].split()[:2] == ["2,1", "n2"]
     assert "optim.lr=0.01 model.width=16" in table and "cluster=local" not in table
     assert table.splitlines()[-1] == "3 trials: 1 completed, 1 failed, 1 running"
     assert [sw.needs_rerun(r, tmp_path / str(r.num)) for r in rows] == [False, True, False]

@@ -18,24 +18,43 @@
 #                              error from the job's own config or code (an MPI start-up crash) (2)
 #   HPCML_MAX_REQUEUES         if a stop came while the ranks were still starting and they died of it,
 #                              this shell requeues the job itself, up to this many restarts (0: never)
+#   HPCML_MAX_MIGRATIONS       a step that lost ranks to a signal or a failed node after its world formed,
+#                              with no error from the job's own code, is a lost peer: the job is requeued
+#                              without that node (ExcNodeList), up to this many times (0: never)
+#   HPCML_MIN_NODES            the fewest nodes the job can run on (cluster.min_nodes, else cluster.nodes):
+#                              a migration that would leave the partition fewer healthy nodes fails instead
 
 hpcml_run_step() {
   local stop=${HPCML_STOP_SIGNAL:-USR2} max_retries=${HPCML_STARTUP_RETRIES_MAX:-2}
   local records=${HPCML_STEP_RECORDS:-.} try=0 rc=0 record
   HPCML_STEP_PID=
   HPCML_STOP_REQUESTED=0
+  mkdir -p "$records"
   # shellcheck disable=SC2064  # $stop is meant to expand now
   trap "HPCML_STOP_REQUESTED=1; [ -n \"\$HPCML_STEP_PID\" ] && kill -$stop \"\$HPCML_STEP_PID\" 2>/dev/null || true" TERM "$stop"
   while :; do
     record="$records/step-${SLURM_JOB_ID:-none}.${SLURM_RESTART_COUNT:-0}.$try"
-    rm -rf "$record"
-    HPCML_STEP_RECORD="$record" HPCML_STARTUP_RETRIES="$try" setsid "$@" &
+    rm -rf "$record" "$record.launcher"
+    if [ "$1" = srun ]; then
+      # srun's own messages ("n2: tasks 2-3: Killed") say which node lost ranks; they are kept to read after
+      # the step and shown then (the ranks' output goes to their own files, not through here).
+      HPCML_STEP_RECORD="$record" HPCML_STARTUP_RETRIES="$try" setsid "$@" 2>"$record.launcher" &
+    else
+      HPCML_STEP_RECORD="$record" HPCML_STARTUP_RETRIES="$try" setsid "$@" &
+    fi
     HPCML_STEP_PID=$!
     while kill -0 "$HPCML_STEP_PID" 2>/dev/null; do
       wait "$HPCML_STEP_PID" || true  # returns early whenever a trap ran
     done
     wait "$HPCML_STEP_PID" && rc=0 || rc=$?
     HPCML_STEP_PID=
+    [ -s "$record.launcher" ] && cat "$record.launcher" >&2
+    if [ "$rc" != 0 ] && [ -e "$record/formed" ] && [ "$HPCML_STOP_REQUESTED" = 0 ] \
+      && ! compgen -G "$record/user_error.*" >/dev/null; then
+      lost=$(hpcml_lost_nodes "$record.launcher")
+      [ -n "$lost" ] && hpcml_migrate "$records" "$lost" && rc=3
+      break
+    fi
     if [ "$rc" = 0 ] || [ -e "$record/formed" ] || compgen -G "$record/user_error.*" >/dev/null; then
       break  # it ran, or the job's own config or code failed: nothing to retry
     fi
@@ -69,4 +88,37 @@ hpcml_requeue_after_early_stop() {
   fi
   echo "hpcml: stopped while starting; requeueing job $SLURM_JOB_ID" >&2
   scontrol requeue "$SLURM_JOB_ID"
+}
+
+# The nodes srun reports ranks killed by a signal on (an OOM kill, a crash), or failed outright, comma-separated:
+# only what it reports before it ends the step itself ("Terminating StepId", "Job step aborted"), after which
+# the other ranks are ended too, by a signal of srun's own.
+hpcml_lost_nodes() {
+  [ -f "$1" ] || return 0
+  sed -n -E -e '/Terminating StepId|Job step aborted/q' \
+    -e 's/^srun: error: ([^: ]+): tasks? [0-9,-]+: Killed$/\1/p' \
+    -e 's/^srun: error: Node failure on ([^ ]+).*/\1/p' "$1" | sort -u | paste -sd, -
+}
+
+# Requeue this job without the nodes in $2 (and those excluded before), counting it in $1/migrations-<job>;
+# fails, saying why, at the cap or when too few healthy nodes would be left.
+hpcml_migrate() {
+  local records=$1 lost=$2 ledger="$1/migrations-${SLURM_JOB_ID}" done max=${HPCML_MAX_MIGRATIONS:-0}
+  local excluded healthy
+  done=$(cat "$ledger" 2>/dev/null | wc -l)
+  if [ "$done" -ge "$max" ]; then
+    echo "hpcml: lost the ranks on $lost; not requeued: the migration cap is reached ($done of $max, cluster.max_migrations)" >&2
+    return 1
+  fi
+  excluded=$(scontrol show job -o "$SLURM_JOB_ID" | grep -o 'ExcNodeList=[^ ]*' | cut -d= -f2)
+  [ "$excluded" = "(null)" ] && excluded=
+  excluded=$(printf '%s\n' ${excluded//,/ } ${lost//,/ } | sort -u | paste -sd, -)
+  healthy=$(sinfo -h -N -p "${SLURM_JOB_PARTITION}" -o '%N' | sort -u | grep -cvxF -f <(printf '%s\n' ${excluded//,/ }) || true)
+  if [ "$healthy" -lt "${HPCML_MIN_NODES:-1}" ]; then
+    echo "hpcml: lost the ranks on $lost; not requeued: only $healthy nodes of partition ${SLURM_JOB_PARTITION} would be left and the job needs ${HPCML_MIN_NODES:-1} (lower cluster.min_nodes to let it shrink)" >&2
+    return 1
+  fi
+  echo "$lost" >>"$ledger"
+  echo "hpcml: lost the ranks on $lost (killed, or the node failed) after training began, with no error from the job's code; requeueing job $SLURM_JOB_ID without $excluded (migration $((done + 1)) of $max)" >&2
+  scontrol requeue "$SLURM_JOB_ID" && scontrol update jobid="$SLURM_JOB_ID" ExcNodeList="$excluded"
 }

@@ -17,6 +17,8 @@ import time
 import traceback
 from pathlib import Path
 
+import torch.distributed as dist
+
 from hpcml.compute import mpi, slurm_job, step_record
 from hpcml.compute.dist import DistributedContext, broadcast_from_rank0, setup_distributed, teardown_distributed
 from hpcml.compute.drills import crash_if_drilled, install_fault_drills
@@ -58,11 +60,28 @@ def configure_logging(rank: int, output_dir: Path | None = None) -> None:
 
 
 def end_all_ranks(rank: int, exc: BaseException) -> None:
-    """Log this rank's traceback where the job log shows it, then take the whole job down."""
+    """Log this rank's traceback where the job log shows it, then take the whole job down. Unless the error
+    is a peer's disappearance, the batch shell is told it is the job's own: it must fail, never migrate."""
+    if not lost_a_peer(exc):
+        step_record.mark_user_error()
     text = "".join(traceback.format_exception(exc))
     sys.stderr.write("".join(f"[rank {rank}] {line}\n" for line in text.rstrip().splitlines()))
     sys.stderr.flush()
     mpi.abort_if_running(EXIT_FAILED)
+
+
+# What a collective raises when a peer process vanished (killed, or its node gone): torch.distributed's
+# network errors, gloo's closed connections.
+PEER_LOST_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def lost_a_peer(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says a peer vanished, not that this rank's own work failed."""
+    while exc is not None:
+        if isinstance(exc, dist.DistNetworkError) or any(m in str(exc) for m in PEER_LOST_MESSAGES):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def record_job(output_dir: Path, num_nodes: int) -> None:
@@ -86,6 +105,8 @@ def record_job(output_dir: Path, num_nodes: int) -> None:
         "restart_count": restarts,
         "nodes": env.get("SLURM_JOB_NODELIST"),
         "attempt_nodes": [*earlier_nodes, num_nodes],
+        # Nodes the job lost a peer on and requeued itself without (batch_shell.sh), one per migration.
+        "lost_nodes": step_record.lost_nodes(env),
         "started": time.time(),
         "startup_retries": earlier_retries + step_record.startup_retries(env),
     }

@@ -1,6 +1,6 @@
 """`hpcml`: look after runs and sweeps from the login node.
 
-hpcml status outputs/sweeps/<time> [--watch]     one row per trial: state, restarts, start-up retries, nodes per attempt,
+hpcml status outputs/sweeps/<time> [--watch]     one row per trial: state, restarts, start-up retries, nodes per attempt, lost nodes,
                                                  step, metrics (--watch: refreshed until every trial has
                                                  ended); a single run's outputs/runs/<time> works too
 hpcml report outputs/sweeps/<time> --mode max|min [--metric NAME]   NAME: the sweep's launch.objective by default
@@ -24,6 +24,7 @@ COLUMNS = (
     "restarts",
     "retries",
     "nodes",
+    "lost",
     "step",
     "loss",
     "<objective>",
@@ -47,6 +48,7 @@ def render_status(rows: list[TrialStatus], objective: str) -> str:
             str(r.restarts),
             str(r.startup_retries),
             r.attempt_nodes,
+            r.lost_nodes,
             str(r.step),
             _fmt(r.loss),
             _fmt(r.objective),

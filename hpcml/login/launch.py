@@ -80,6 +80,8 @@ def batch_shell_setup(cfg: TrainJobConfig, folder: Path) -> list[str]:
         "HPCML_STOP_SIGNAL": cfg.preempt.signal.upper().removeprefix("SIG"),
         "HPCML_STARTUP_RETRIES_MAX": cfg.cluster.startup_retries,
         "HPCML_MAX_REQUEUES": max_requeues,
+        "HPCML_MAX_MIGRATIONS": cfg.cluster.max_migrations if cfg.preempt.requeue else 0,
+        "HPCML_MIN_NODES": cfg.cluster.node_counts.start,
         "HPCML_STEP_RECORDS": folder / "steps",
     }
     return [

@@ -176,6 +176,8 @@ class TrialStatus:
     startup_retries: int
     # How many nodes each attempt ran on, first to last ("2,1": an elastic job that came back on one).
     attempt_nodes: str
+    # Nodes the job lost ranks on and requeued itself without (cluster.max_migrations), comma-separated.
+    lost_nodes: str
     step: int
     loss: float | None
     # The latest value of the sweep's objective metric (launch.objective) the trial logged.
@@ -228,11 +230,12 @@ def job_record_count(trial_dir: Path, key: str) -> int:
         return 0
 
 
-def attempt_nodes(trial_dir: Path) -> str:
-    """Each attempt's node count from the trial's slurm_job.json, comma-separated; "" before it exists."""
+def job_record_list(trial_dir: Path, key: str) -> str:
+    """A list from the trial's slurm_job.json, comma-separated: attempt_nodes (each attempt's node count),
+    lost_nodes; "" before it exists."""
     try:
-        return ",".join(str(int(n)) for n in json.loads((trial_dir / JOB_RECORD).read_text()).get("attempt_nodes", []))
-    except (OSError, ValueError, TypeError):
+        return ",".join(str(v) for v in json.loads((trial_dir / JOB_RECORD).read_text()).get(key, []))
+    except (OSError, ValueError, TypeError, AttributeError):
         return ""
 
 
@@ -263,7 +266,8 @@ def sweep_status(sweep: Sweep) -> list[TrialStatus]:
                 state,
                 job_record_count(trial_dir, "restart_count"),
                 job_record_count(trial_dir, "startup_retries"),
-                attempt_nodes(trial_dir),
+                job_record_list(trial_dir, "attempt_nodes"),
+                job_record_list(trial_dir, "lost_nodes"),
                 step,
                 loss,
                 value,

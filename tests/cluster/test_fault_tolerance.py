@@ -154,6 +154,60 @@ def test_an_elastic_job_preempted_off_a_node_comes_back_on_the_other_with_the_sa
         torch.testing.assert_close(resumed[name], value, rtol=1e-4, atol=1e-5, msg=f"{name} differs")
 
 
+def rank_pids(job: str, node: str) -> list[int]:
+    """The processes of `job`'s ranks on `node` (every logical node of the local cluster is this machine)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if b"hpcml.compute.submitit_main" not in (proc / "cmdline").read_bytes():
+                continue
+            pairs = (proc / "environ").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        env = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+        if env.get("SLURM_JOB_ID") == job and env.get("SLURMD_NODENAME") == node and "SLURM_STEP_ID" in env:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_a_job_whose_ranks_on_rank_0s_node_are_killed_comes_back_without_that_node(references):
+    """kill -9 of both ranks on n1, rank 0's node (where the batch shell runs), mid-training: what an OOM kill
+    or a node crash looks like from inside. The batch shell reads srun's report of which node's ranks were
+    killed, requeues the job with that node excluded, and with cluster.min_nodes=1 it comes back on n2 alone,
+    resumes from its last checkpoint and ends at the uninterrupted run's result (float tolerance: 2 ranks, not
+    4). `hpcml status` shows the lost node. (An exception in one rank's code still fails the job at once, no
+    retry: test_train_on_cluster.py.)"""
+    out = new_out("migrate")
+    wait_for_idle_cluster()  # so that the first attempt gets both nodes
+    proc = submit(out, *SLOW, "cluster.min_nodes=1")
+    job = job_id_of(out)
+    wait_for_step(out, 70)  # past the step-50 checkpoint
+    pids = rank_pids(job, "n1")
+    assert len(pids) == 2, pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    finish(proc)
+    result = read_result(out)
+    assert (result["world_size"], result["num_nodes"]) == (2, 1) and result["resumed_from_step"] >= 50
+    record = json.loads((out / "slurm_job.json").read_text())
+    assert record["lost_nodes"] == ["n1"] and record["nodes"] == "n2" and record["attempt_nodes"] == [2, 1]
+    history = attempts(job)
+    assert history[-1] == "COMPLETED" and len(history) == 2, history
+    log = rank0_log(out, job)
+    assert "srun: error: n1: tasks 0-1: Killed" in log and "lost the ranks on n1" in log
+    status = subprocess.run(
+        [PYTHON, "-m", "hpcml.login.cli", "status", str(out)], cwd=ROOT, capture_output=True, text=True
+    )
+    header, row = status.stdout.splitlines()[:2]
+    assert row[header.index("lost") :].split()[0] == "n1", status.stdout
+    expected = torch.load(references["builtin"] / "model.pt", weights_only=True)
+    got = torch.load(out / "model.pt", weights_only=True)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=f"{name} differs")
+
+
 def test_time_limit_with_no_warning_signal_saves_on_its_own_clock_and_requeues(reference_sha):
     """A 1-minute limit and `preempt.signal_lead_s=0`, so no `--signal` at all: rank 0's deadline alone must
     stop, save and requeue before Slurm kills the job, as often as it takes to finish."""

@@ -1,0 +1,30 @@
+"""What a rank's failure tells the batch shell: a peer that vanished, or the job's own error."""
+
+import pytest
+import torch.distributed as dist
+
+from hpcml.compute.runtime import lost_a_peer
+
+
+def _raised(exc: BaseException, cause: BaseException | None = None) -> BaseException:
+    try:
+        raise exc from cause
+    except BaseException as caught:
+        return caught
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        dist.DistNetworkError("store connection lost"),
+        RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:29321"),
+        _raised(RuntimeError("the collective in step 12 failed"), RuntimeError("Connection reset by peer")),
+    ],
+)
+def test_a_vanished_peer_is_recognised_through_the_exception_chain(exc):
+    assert lost_a_peer(exc)
+
+
+@pytest.mark.parametrize("exc", [ValueError("bad batch"), RuntimeError("CUDA out of memory"), KeyError("w")])
+def test_the_jobs_own_errors_are_not_a_lost_peer(exc):
+    assert not lost_a_peer(exc)
