@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import read_result, run_train
-from user_code import USE
+from user_code import USE, DeclaredUnits, TwoHeads
 
 from hpcml.compute import checkpoint as ckpt
+from hpcml.compute.fsdp import shard_units
+from hpcml.compute.models import MLP
+from hpcml.errors import ConfigError
 
 # Adam, clipping and a checkpoint every 20 steps: step-20 is where the resharding tests start from.
 RUN = [
@@ -56,8 +59,17 @@ def one_process(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> Path:
-    """The same run on 4 ranks under FSDP, each rank's share in 2 micro-batches."""
-    return train(tmp_path_factory.mktemp("sharded"), 4, FSDP, "train.grad_accum_steps=2")
+    """The same run on 4 ranks under FSDP, each rank's share in 2 micro-batches, saving asynchronously every
+    10 steps (checkpoint.keep_last=3: step-20, -30 and -40 stay). The resume tests start from its step-20:
+    asynchronous saves are proven by resuming from them. (Synchronous sharded saves: the cluster tests.)"""
+    return train(
+        tmp_path_factory.mktemp("sharded"),
+        4,
+        FSDP,
+        "train.grad_accum_steps=2",
+        "checkpoint.async_save=true",
+        "checkpoint.every_steps=10",
+    )
 
 
 @pytest.mark.mpi
@@ -70,6 +82,10 @@ def test_four_sharded_ranks_with_accumulation_equal_one_process(one_process, sha
     whole = torch.load(sharded / "model.pt", weights_only=True)
     names = [n for n in whole if "running" not in n and "num_batches" not in n]
     assert result["params_sha256"] == sha256_of(whole[n] for n in names)
+    kept = sorted(p.name for p in ckpt.list_checkpoints(sharded / "checkpoints"))
+    assert kept == ["step-20", "step-30", "step-40"], kept
+    for name in kept:
+        ckpt.verify_checkpoint(sharded / "checkpoints" / name)
     manifest = ckpt.verify_checkpoint(sharded / "checkpoints" / "step-40")
     assert (manifest["layout"], manifest["world_size"]) == ("sharded", 4)
     shards = {name for name in manifest["files"] if name.startswith("shards/")}
@@ -107,37 +123,18 @@ def test_a_sharded_checkpoint_saved_at_four_ranks_resumes_at_two_and_at_one_to_t
 
 @pytest.mark.mpi
 def test_ddp_and_fsdp_checkpoints_load_into_each_other(one_process, sharded, tmp_path):
-    """A sharded checkpoint into 2-rank DDP and flat runs (the flat sync's gradients exist before the load:
-    torch would lay out no optimizer state for DCP to fill), and a one-process (replicated) one into a 2-rank
-    FSDP run: each continues to the end of the run that wrote it, Adam's moments included."""
-    for sync in ("ddp", "flat"):
-        out = train(
-            tmp_path / sync, 2, f"train.grad_sync={sync}", f"checkpoint.resume={sharded / 'checkpoints' / 'step-20'}"
-        )
-        assert "written by 4 ranks, sharded, now 2" in rank0_log(out)
-        assert_same_model(out, sharded)
+    """A sharded checkpoint into a 2-rank replicated run, and a one-process (replicated) one into a 2-rank FSDP
+    run: each continues to the end of the run that wrote it, Adam's moments included. The replicated run is
+    the flat sync's, the harder case of the two (DDP loads the same way): its gradients exist before the
+    load, and torch lays out no optimizer state for DCP to fill while they do."""
+    flat = train(
+        tmp_path / "flat", 2, "train.grad_sync=flat", f"checkpoint.resume={sharded / 'checkpoints' / 'step-20'}"
+    )
+    assert "written by 4 ranks, sharded, now 2" in rank0_log(flat)
+    assert_same_model(flat, sharded)
     fsdp = train(tmp_path / "fsdp", 2, FSDP, f"checkpoint.resume={one_process / 'checkpoints' / 'step-20'}")
     assert "written by 1 ranks, replicated, now 2" in rank0_log(fsdp)
     assert_same_model(fsdp, one_process)
-
-
-@pytest.mark.mpi
-def test_asynchronous_sharded_saves_change_nothing_and_resume_like_synchronous_ones(sharded, tmp_path):
-    """checkpoint.async_save=true under FSDP: saves every 10 steps written in the background while training
-    goes on; the run ends bitwise where the synchronous one did, every kept checkpoint verifies, and one of
-    them resumes at 2 ranks to the same result."""
-    out = train(tmp_path / "async", 4, FSDP, "train.grad_accum_steps=2", "checkpoint.async_save=true",
-                "checkpoint.every_steps=10")  # fmt: skip
-    got = torch.load(out / "model.pt", weights_only=True)
-    expected = torch.load(sharded / "model.pt", weights_only=True)
-    assert all(torch.equal(got[name], value) for name, value in expected.items())
-    kept = sorted(p.name for p in ckpt.list_checkpoints(out / "checkpoints"))
-    assert kept == ["step-20", "step-30", "step-40"]  # keep_last=3
-    for name in kept:
-        assert ckpt.layout_of(ckpt.verify_checkpoint(out / "checkpoints" / name)) == "sharded"
-    resumed = train(tmp_path / "resumed", 2, FSDP, f"checkpoint.resume={out / 'checkpoints' / 'step-30'}")
-    assert read_result(resumed)["resumed_from_step"] == 30
-    assert_same_model(resumed, sharded)
 
 
 @pytest.mark.mpi
@@ -161,35 +158,26 @@ def test_a_truncated_or_missing_shard_is_detected_and_the_previous_checkpoint_us
         with pytest.raises(ckpt.CheckpointCorruptError, match=r"shards/__1_0\.distcp.*") as caught:
             ckpt.verify_checkpoint(copy / "step-40")
         assert expected[kind] in str(caught.value)
-    # A run given the truncated copy says why it skips step-40, resumes from step-20 and ends where it should.
+    # A run given the truncated copy says why it skips step-40, resumes from step-30 and ends where it should.
     out = train(tmp_path / "run", 2, FSDP, f"checkpoint.dir={damaged['truncated']}")
     log = rank0_log(out)
     assert "skipping checkpoint step-40: shards/__1_0.distcp has" in log
-    assert read_result(out)["resumed_from_step"] == 20
+    assert read_result(out)["resumed_from_step"] == 30
     assert_same_model(out, sharded)
 
 
-@pytest.mark.mpi
-def test_a_model_that_declares_its_units_is_sharded_by_them_and_a_stray_one_is_refused(tmp_path):
-    """`fsdp_units()` names the blocks to shard; returning something that is not a submodule is a clear error."""
-    user = [*USE, "data.train.size=256", "train.steps=2", "checkpoint.every_steps=0"]
-    user += ["model._target_=user_code.DeclaredUnits"]
-    declared = train(tmp_path / "declared", 2, *user, FSDP)
-    assert "FSDP: 1 units and the root, over 2 ranks" in rank0_log(declared)
-    done = run_train(
-        [
-            *RUN,
-            *user,
-            FSDP,
-            "+model.stray=true",
-            f"train.output_dir={tmp_path / 'stray'}",
-            f"hydra.run.dir={tmp_path / 'stray'}",
-        ],
-        ranks=2,
-        check=False,
-    )
-    assert done.returncode != 0
-    assert "DeclaredUnits.fsdp_units() returned Linear, which are not submodules of the model" in done.stderr
+def test_units_are_what_the_model_declares_else_its_module_list_blocks_else_its_children():
+    """fsdp.shard_units, the wrapping policy: a model's own fsdp_units(); the blocks of its ModuleLists (how
+    transformers hold their layers); its children with parameters. A declared unit that is not part of the
+    model is refused, naming it."""
+    declared = DeclaredUnits()
+    assert shard_units(declared) == [declared.body]
+    two_heads = TwoHeads()
+    assert shard_units(two_heads) == list(two_heads.heads)
+    mlp = MLP(4, 3, width=8, depth=2)
+    assert shard_units(mlp) == [mlp[0], mlp[2], mlp[4]]  # the Linear layers; ReLUs hold nothing
+    with pytest.raises(ConfigError, match=r"DeclaredUnits.fsdp_units\(\) returned Linear, which are not submodules"):
+        shard_units(DeclaredUnits(stray=True))
 
 
 def test_manifest_layout_defaults_to_replicated_for_checkpoints_written_before_there_was_a_choice(tmp_path):
