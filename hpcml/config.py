@@ -71,9 +71,9 @@ class ClusterConfig:
     setup: list[str] = field(default_factory=list)
     # Environment for every rank; OMP_NUM_THREADS=1 stops ranks sharing a node from oversubscribing it.
     env: dict[str, str] = field(default_factory=lambda: {"OMP_NUM_THREADS": "1"})
-    # The network NCCL and Gloo use between nodes (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME; e.g. ib0, or ^lo,docker
-    # to exclude): on nodes with several interfaces they may otherwise pick one the other nodes cannot reach, and
-    # the job hangs at its first collective until train.dist_timeout_s. None: their own choice.
+    # The network NCCL and Gloo use between nodes (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME; e.g. ib0; ^lo,docker0
+    # excludes, for NCCL only): on nodes with several interfaces they may otherwise pick one the other nodes
+    # cannot reach, and the job hangs at its first collective until train.dist_timeout_s. None: their choice.
     network_interface: str | None = None
     # NCCL_DEBUG for GPU jobs: WARN has NCCL explain a failure (which peer, which link) in the rank logs and say
     # nothing otherwise; INFO to investigate a hang or slow start; "" leaves NCCL silent. cluster.env wins.
@@ -100,7 +100,7 @@ class ClusterConfig:
             )
         _require(
             self.network_interface is None
-            or re.fullmatch(r"\^?[A-Za-z0-9_.:-]+(,[A-Za-z0-9_.:-]+)*", self.network_interface),
+            or re.fullmatch(r"[\^=]?[A-Za-z0-9_.:-]+(,[A-Za-z0-9_.:-]+)*", self.network_interface),
             f"cluster.network_interface={self.network_interface!r} is not an interface list NCCL reads: give names "
             "such as ib0 or eth0,eth1, or ^lo,docker0 to exclude some.",
         )
@@ -148,7 +148,10 @@ class ClusterConfig:
         """What every rank's environment gets: the network and NCCL settings above, then cluster.env."""
         settings = {}
         if self.network_interface:
-            settings |= {"NCCL_SOCKET_IFNAME": self.network_interface, "GLOO_SOCKET_IFNAME": self.network_interface}
+            settings["NCCL_SOCKET_IFNAME"] = self.network_interface
+            # Gloo takes exact names only: an exclusion (^lo) or a prefix match (=eth) is NCCL's alone.
+            if not self.network_interface.startswith(("^", "=")):
+                settings["GLOO_SOCKET_IFNAME"] = self.network_interface
         if self.gpus_per_node and self.nccl_debug:
             settings["NCCL_DEBUG"] = self.nccl_debug
         return settings | self.env

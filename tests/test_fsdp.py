@@ -113,16 +113,27 @@ def test_a_users_model_trains_sharded_on_four_ranks_as_on_one_process(tmp_path):
 
 
 @pytest.mark.mpi
-def test_a_sharded_checkpoint_saved_at_four_ranks_resumes_at_two_and_at_one_to_the_four_rank_result(sharded, tmp_path):
+def test_a_sharded_checkpoint_reshards_four_to_two_to_four_and_four_to_one_to_the_four_rank_result(sharded, tmp_path):
+    """Saved at 4 ranks (step 20), resumed at 2 (which saves at step 30) and at 1; the 2-rank step-30 resumed at
+    4 again: every run ends at the 4-rank result."""
     for ranks in (2, 1):
-        out = train(tmp_path / f"at{ranks}", ranks, FSDP, f"checkpoint.resume={sharded / 'checkpoints' / 'step-20'}")
+        out = train(
+            tmp_path / f"at{ranks}",
+            ranks,
+            FSDP,
+            f"checkpoint.resume={sharded / 'checkpoints' / 'step-20'}",
+            "checkpoint.every_steps=10",
+        )
         assert read_result(out)["resumed_from_step"] == 20 and read_result(out)["world_size"] == ranks
         assert f"(step 20, 1280 samples; written by 4 ranks, sharded, now {ranks})" in rank0_log(out)
         assert_same_model(out, sharded)
+    back = train(tmp_path / "back", 4, FSDP, f"checkpoint.resume={tmp_path / 'at2' / 'checkpoints' / 'step-30'}")
+    assert "(step 30, 1920 samples; written by 2 ranks, sharded, now 4)" in rank0_log(back)
+    assert_same_model(back, sharded)
 
 
 @pytest.mark.mpi
-def test_ddp_and_fsdp_checkpoints_load_into_each_other(one_process, sharded, tmp_path):
+def test_sharded_and_replicated_checkpoints_load_into_each_other(one_process, sharded, tmp_path):
     """A sharded checkpoint into a 2-rank replicated run, and a one-process (replicated) one into a 2-rank FSDP
     run: each continues to the end of the run that wrote it, Adam's moments included. The replicated run is
     the flat sync's, the harder case of the two (DDP loads the same way): its gradients exist before the

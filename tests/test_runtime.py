@@ -18,13 +18,25 @@ def _raised(exc: BaseException, cause: BaseException | None = None) -> BaseExcep
     [
         dist.DistNetworkError("store connection lost"),
         RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:29321"),
-        _raised(RuntimeError("the collective in step 12 failed"), RuntimeError("Connection reset by peer")),
+        _raised(
+            RuntimeError("the collective in step 12 failed"), RuntimeError("[pair.cc:553] Connection closed by peer")
+        ),
+        dist.DistBackendError("NCCL error: remote process exited or there was a network error, NCCL version 2.21"),
+        RuntimeError("[/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:32385: Connection reset by peer."),
     ],
 )
 def test_a_vanished_peer_is_recognised_through_the_exception_chain(exc):
     assert lost_a_peer(exc)
 
 
-@pytest.mark.parametrize("exc", [ValueError("bad batch"), RuntimeError("CUDA out of memory"), KeyError("w")])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ValueError("bad batch"),
+        RuntimeError("CUDA out of memory"),
+        KeyError("w"),
+        BrokenPipeError("[Errno 32] Broken pipe"),
+    ],
+)
 def test_the_jobs_own_errors_are_not_a_lost_peer(exc):
     assert not lost_a_peer(exc)

@@ -68,8 +68,9 @@ def _local_bytes(tensor: torch.Tensor) -> int:
 
 
 def training_state_bytes(trainer: Trainer) -> dict[str, int]:
-    """This rank's parameters, gradients and optimizer state, in bytes (each storage counted once: DDP's
-    gradients may be views of its buckets, which are counted instead)."""
+    """This rank's parameters, gradients and optimizer state, in bytes (sharded tensors: the local shard). DDP's
+    gradients are counted as their `.grad` tensors, which are views into its buckets here
+    (train.gradient_as_bucket_view, the default): the buckets hold no more."""
     params = list(trainer.model.parameters())
     grads = sum(_local_bytes(p.grad) for p in params if p.grad is not None)
     optimizer = sum(
@@ -166,7 +167,7 @@ QUICK_VARIANTS = [Variant("byte LM, 2 layers x 128 wide", block_size=32, d_model
 
 
 def run(quick: bool, workdir: Path) -> BenchResult:
-    budget_s, rounds = (0.3, 2) if quick else (1.0, 3)
+    budget_s, rounds = (0.2, 1) if quick else (1.0, 3)
     result = BenchResult("sharding", quick, {"budget_s": budget_s, "rounds": rounds, "cpu_cores": os.cpu_count()})
     variants = QUICK_VARIANTS if quick else VARIANTS
     result.measurements.extend(training.measure_on_ranks(__name__, RANKS, variants, budget_s, rounds, workdir))

@@ -26,7 +26,7 @@
 
 hpcml_run_step() {
   local stop=${HPCML_STOP_SIGNAL:-USR2} max_retries=${HPCML_STARTUP_RETRIES_MAX:-2}
-  local records=${HPCML_STEP_RECORDS:-.} try=0 rc=0 record
+  local records=${HPCML_STEP_RECORDS:-.} try=0 rc=0 record lost
   HPCML_STEP_PID=
   HPCML_STOP_REQUESTED=0
   mkdir -p "$records"
@@ -91,11 +91,11 @@ hpcml_requeue_after_early_stop() {
 }
 
 # The nodes srun reports ranks killed by a signal on (an OOM kill, a crash), or failed outright, comma-separated:
-# only what it reports before it ends the step itself ("Terminating StepId", "Job step aborted"), after which
-# the other ranks are ended too, by a signal of srun's own.
+# only what it reports before it ends the step itself ("Terminating StepId"), after which the other ranks are
+# ended too, by a signal of srun's own.
 hpcml_lost_nodes() {
   [ -f "$1" ] || return 0
-  sed -n -E -e '/Terminating StepId|Job step aborted/q' \
+  sed -n -E -e '/Terminating StepId/q' \
     -e 's/^srun: error: ([^: ]+): tasks? [0-9,-]+: Killed$/\1/p' \
     -e 's/^srun: error: Node failure on ([^ ]+).*/\1/p' "$1" | sort -u | paste -sd, -
 }
@@ -103,22 +103,32 @@ hpcml_lost_nodes() {
 # Requeue this job without the nodes in $2 (and those excluded before), counting it in $1/migrations-<job>;
 # fails, saying why, at the cap or when too few healthy nodes would be left.
 hpcml_migrate() {
-  local records=$1 lost=$2 ledger="$1/migrations-${SLURM_JOB_ID}" done max=${HPCML_MAX_MIGRATIONS:-0}
+  local records=$1 lost=$2 ledger="$1/migrations-${SLURM_JOB_ID}" migrated max=${HPCML_MAX_MIGRATIONS:-0}
   local excluded healthy
-  done=$(cat "$ledger" 2>/dev/null | wc -l)
-  if [ "$done" -ge "$max" ]; then
-    echo "hpcml: lost the ranks on $lost; not requeued: the migration cap is reached ($done of $max, cluster.max_migrations)" >&2
+  migrated=$(cat "$ledger" 2>/dev/null | wc -l)
+  if [ "$migrated" -ge "$max" ]; then
+    echo "hpcml: lost the ranks on $lost; not requeued: the migration cap is reached ($migrated of $max, cluster.max_migrations)" >&2
     return 1
   fi
   excluded=$(scontrol show job -o "$SLURM_JOB_ID" | grep -o 'ExcNodeList=[^ ]*' | cut -d= -f2)
   [ "$excluded" = "(null)" ] && excluded=
-  excluded=$(printf '%s\n' ${excluded//,/ } ${lost//,/ } | sort -u | paste -sd, -)
-  healthy=$(sinfo -h -N -p "${SLURM_JOB_PARTITION}" -o '%N' | sort -u | grep -cvxF -f <(printf '%s\n' ${excluded//,/ }) || true)
+  # Node lists may be hostlists (n[1,3]): expanded to one name per line before they are merged or counted.
+  excluded=$( { [ -n "$excluded" ] && scontrol show hostnames "$excluded"; tr ',' '\n' <<<"$lost"; } | sort -u | paste -sd, -)
+  # Nodes that could run the job: neither down nor drained. (Not only those responding right now: a busy node's
+  # slurmd can miss the controller's pings while a step is killed, and answers again seconds later.)
+  healthy=$(sinfo -h -N -t idle,mixed,allocated,completing -p "${SLURM_JOB_PARTITION}" -o '%N' | sort -u \
+    | grep -cvxF -f <(tr ',' '\n' <<<"$excluded") || true)
   if [ "$healthy" -lt "${HPCML_MIN_NODES:-1}" ]; then
     echo "hpcml: lost the ranks on $lost; not requeued: only $healthy nodes of partition ${SLURM_JOB_PARTITION} would be left and the job needs ${HPCML_MIN_NODES:-1} (lower cluster.min_nodes to let it shrink)" >&2
     return 1
   fi
   echo "$lost" >>"$ledger"
-  echo "hpcml: lost the ranks on $lost (killed, or the node failed) after training began, with no error from the job's code; requeueing job $SLURM_JOB_ID without $excluded (migration $((done + 1)) of $max)" >&2
-  scontrol requeue "$SLURM_JOB_ID" && scontrol update jobid="$SLURM_JOB_ID" ExcNodeList="$excluded"
+  echo "hpcml: lost the ranks on $lost (killed, or the node failed) after training began, with no error from the job's code; requeueing job $SLURM_JOB_ID without $excluded (migration $((migrated + 1)) of $max)" >&2
+  # A running job's ExcNodeList cannot change: it is set once the requeue has made the job pending. The requeue
+  # TERMs every process of the job, this shell and its scontrol included (measured: the update was lost):
+  # they ignore it (children inherit that), and Slurm's KILL comes only KillWait seconds later.
+  trap '' TERM "${HPCML_STOP_SIGNAL:-USR2}"
+  scontrol requeue "$SLURM_JOB_ID" || return 1
+  scontrol update jobid="$SLURM_JOB_ID" ExcNodeList="$excluded" \
+    || echo "hpcml: job $SLURM_JOB_ID is requeued, but excluding $excluded failed: it may come back on that node" >&2
 }

@@ -191,15 +191,7 @@ def setup_distributed(env: LauncherEnvironment, requested_backend: str, timeout_
     store = make_store(env, placement, timeout)
     if backend == "nccl":
         refuse_shared_gpu(store, placement, env.node_name(), device)
-        # A collective that outlives the timeout aborts its communicator and ends the process, so a peer that
-        # hangs (or vanished) fails the job within train.dist_timeout_s instead of holding its GPUs. torch's
-        # default already does; a site profile that turned it off (0) is overridden, saying so.
-        if os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3") == "0":
-            log.warning(
-                "TORCH_NCCL_ASYNC_ERROR_HANDLING=0 in the environment: set to 3, or a hung NCCL call never ends"
-            )
-        if os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING") in (None, "0"):
-            os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "3"
+        require_nccl_error_handling(os.environ)
     kwargs = {"device_id": device} if backend == "nccl" else {}
     dist.init_process_group(
         backend, store=store, rank=placement.rank, world_size=placement.world_size, timeout=timeout, **kwargs

@@ -31,7 +31,14 @@ class RunCheckpoints:
     """`stateful` maps names to objects with state_dict()/load_state_dict(); its "model" and "optimizer"
     are saved sharded when the model is (FSDP)."""
 
-    def __init__(self, cfg: CheckpointConfig, ctx: DistributedContext, directory: Path, stateful: dict[str, Any]):
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        ctx: DistributedContext,
+        directory: Path,
+        stateful: dict[str, Any],
+        collective_timeout_s: float = 300.0,
+    ):
         self.cfg, self.ctx, self.directory, self.stateful = cfg, ctx, directory, stateful
         self.model: torch.nn.Module = stateful["model"]
         self.optimizer: torch.optim.Optimizer = stateful["optimizer"]
@@ -44,7 +51,9 @@ class RunCheckpoints:
         )
         # Sharded saves are every rank's (building the writer is a collective when it is asynchronous).
         self.sharded_writer = (
-            sharded.ShardedCheckpointWriter(directory, cfg.keep_last, cfg.async_save, ctx, self._before_commit)
+            sharded.ShardedCheckpointWriter(
+                directory, cfg.keep_last, cfg.async_save, ctx, self._before_commit, collective_timeout_s
+            )
             if self.sharded
             else None
         )

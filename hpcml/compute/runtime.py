@@ -70,9 +70,10 @@ def end_all_ranks(rank: int, exc: BaseException) -> None:
     mpi.abort_if_running(EXIT_FAILED)
 
 
-# What a collective raises when a peer process vanished (killed, or its node gone): torch.distributed's
-# network errors, gloo's closed connections.
-PEER_LOST_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+# What a collective raises when a peer process vanished (killed, or its node gone), in words no error of the
+# job's own code uses: an error of gloo's TCP transport (a closed or reset connection), NCCL's report of a
+# remote rank's end.
+PEER_LOST_MESSAGES = ("gloo/transport/tcp", "Connection closed by peer", "ncclRemoteError", "remote process exited")
 
 
 def lost_a_peer(exc: BaseException) -> bool:

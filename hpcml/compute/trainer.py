@@ -127,7 +127,9 @@ class Trainer:
             self.stateful["task"] = self.task
         self.loss_watch = NonFiniteLossWatch(ctx)
         self.step_metrics = StepMetricsAverager(ctx, type(self.task).__name__)
-        self.checkpoints = RunCheckpoints(cfg.checkpoint, ctx, self.checkpoint_dir, self.stateful)
+        self.checkpoints = RunCheckpoints(
+            cfg.checkpoint, ctx, self.checkpoint_dir, self.stateful, collective_timeout_s=cfg.train.dist_timeout_s
+        )
         # Called with the trainer after each step, between a step's micro-batches, and at each save before any
         # state is written (drills.py); empty in a normal run.
         self.after_step: list[Hook] = []

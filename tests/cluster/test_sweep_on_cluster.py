@@ -149,7 +149,7 @@ def test_optuna_sweep_waits_for_each_batch_and_gets_its_objectives():
     best = float(re.search(r"Best value: ([\d.e-]+)", done.stdout + done.stderr).group(1))
     assert best == pytest.approx(min(errors), rel=1e-9)
     status = hpcml("status", str(base))
-    assert status.stdout.splitlines()[0].split()[7] == "val_mse", status.stdout  # the sweep's objective column
+    assert status.stdout.splitlines()[0].split()[9] == "val_mse", status.stdout  # the sweep's objective column
 
 
 def run_sweep(base, *overrides) -> subprocess.CompletedProcess:

@@ -11,6 +11,7 @@ the same files load whether the parameters are sharded DTensors or whole tensors
 
 from __future__ import annotations
 
+import datetime
 import logging
 import shutil
 import threading
@@ -99,12 +100,16 @@ class ShardedCheckpointWriter:
         asynchronous: bool,
         ctx: DistributedContext,
         before_commit: Callable[[Path], None] = lambda partial: None,
+        timeout_s: float = 300.0,
     ):
         self.directory, self.keep_last, self.asynchronous, self.ctx = directory, keep_last, asynchronous, ctx
         self.before_commit = before_commit
         # A collective: every rank builds its writer at the same point. DCP's own asynchronous save crashed or
         # hung on the training's group (measured); on a group of its own it does not.
-        self.group = dist.new_group(backend="gloo") if asynchronous else None
+        # Its collectives time out as the training's do (train.dist_timeout_s), not after torch's 30 minutes.
+        self.group = (
+            dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s)) if asynchronous else None
+        )
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_committed: Path | None = None
