@@ -81,8 +81,9 @@ class FSDPGradientSync:
         depth = {id(m): name.count(".") for name, m in model.named_modules()}
         for unit in sorted(units, key=lambda u: -depth[id(u)]):
             fully_shard(unit, mesh=mesh, reshard_after_forward=cfg.fsdp_reshard_after_forward, mp_policy=policy)
-        # The root gathers what no unit holds (embeddings, a final norm or head); it is used last in backward
-        # and first in the next forward, so it never frees its parameters in between.
+        # The root gathers what no unit holds (embeddings, a final norm or head). It stays gathered from its
+        # forward to its backward: its backward begins as soon as its forward ends, so freeing them in between
+        # would only gather them again at once.
         fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
         log.info("FSDP: %d units and the root, over %d ranks", len(units), ctx.world_size)
         self.module = model
