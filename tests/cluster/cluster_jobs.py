@@ -2,6 +2,8 @@
 
 import subprocess
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from helpers import PYTHON, ROOT, TRAIN, last_logged_step, mpi_env
 
@@ -71,3 +73,16 @@ def interrupt(kind: str, job_id: str) -> None:
         )
     else:
         raise ValueError(kind)
+
+
+def together(**checks: Callable[[], None]) -> None:
+    """Runs independent cluster checks at the same time (each job takes half the cluster's CPUs, and most of
+    their time is Slurm's start-up and requeue delays); every check's failure is raised, named."""
+    with ThreadPoolExecutor(len(checks)) as pool:
+        running = {name: pool.submit(check) for name, check in checks.items()}
+    failures = [(name, future.exception()) for name, future in running.items() if future.exception()]
+    for name, error in failures[1:]:
+        print(f"{name} failed too: {error!r}")
+    if failures:
+        name, error = failures[0]
+        raise AssertionError(f"{name}: {error}") from error

@@ -11,11 +11,22 @@ import re
 import signal
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from cluster_jobs import SAME_TRANSPORT, finish, interrupt, job_id_of, new_out, rank0_log, submit, wait_for_step
+from cluster_jobs import (
+    SAME_TRANSPORT,
+    finish,
+    interrupt,
+    job_id_of,
+    new_out,
+    rank0_log,
+    submit,
+    together,
+    wait_for_step,
+)
 from helpers import (
     PYTHON,
     ROOT,
@@ -171,7 +182,15 @@ def test_an_elastic_sharded_job_that_loses_rank_0s_node_comes_back_on_the_other_
         torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=f"{name} differs")
 
 
-def test_time_limit_with_no_warning_signal_saves_on_its_own_clock_and_requeues(reference_sha):
+def test_time_limits_are_met_by_the_deadline_alone_on_srun_and_by_the_trapped_signal_on_mpirun(reference_sha):
+    """Two jobs at once (a time limit is minutes of Slurm's clock, not of CPU): the two functions below."""
+    together(
+        srun_with_no_warning_signal=partial(deadline_saves_on_its_own_clock_and_requeues, reference_sha),
+        mpirun_with_a_warning_signal=partial(mpirun_trap_passes_the_time_limit_signal_on, reference_sha),
+    )
+
+
+def deadline_saves_on_its_own_clock_and_requeues(reference_sha):
     """A 1-minute limit and `preempt.signal_lead_s=0`, so no `--signal` at all: rank 0's deadline alone must
     stop, save and requeue before Slurm kills the job, as often as it takes to finish."""
     out = new_out("deadline")
@@ -269,7 +288,7 @@ def wait_until_ended(job: str, timeout: float = 480) -> list[str]:
     return attempts(job)
 
 
-def test_sbatch_mpirun_path_gets_the_time_limit_signal_through_its_trap(reference_sha):
+def mpirun_trap_passes_the_time_limit_signal_on(reference_sha):
     """Under mpirun the ranks are not Slurm steps: the batch shell's trap must pass the warning on."""
     # Slurm sends the warning at the first of its 30-s checks that finds at most lead + 30 s left: with
     # --time=1 and @25 that is 5-35 s into every attempt, and an attempt slowed by a loaded machine could
@@ -314,7 +333,16 @@ def wait_until_ranks_started(job: str, out, ranks: int = 4, timeout: float = 60)
         time.sleep(0.05)
 
 
-def test_term_to_the_batch_shell_at_start_up_and_mid_training_is_survived_on_the_srun_path(reference_sha):
+def test_term_to_the_batch_shell_at_start_up_and_mid_training_is_survived_on_both_launch_paths(reference_sha):
+    """The srun path (`hpcml` submits) and the mpirun path (`sbatch sbatch/train.sbatch`), two jobs at once:
+    the two functions below."""
+    together(
+        srun_path=partial(term_to_the_batch_shell_on_the_srun_path, reference_sha),
+        mpirun_path=partial(term_to_the_batch_shell_on_the_mpirun_path, reference_sha),
+    )
+
+
+def term_to_the_batch_shell_on_the_srun_path(reference_sha):
     """Two TERMs to one run's batch shell: `--batch` (the shell alone) while the ranks are still importing,
     before they formed their world; then, once the restart has resumed, `--full` (the shell's whole
     process group: srun too, were it not in its own session) in the middle of training."""
@@ -340,7 +368,7 @@ def test_term_to_the_batch_shell_at_start_up_and_mid_training_is_survived_on_the
     assert_nothing_lost(log, STEPS, attempts=3)
 
 
-def test_term_to_the_batch_shell_at_start_up_and_mid_training_is_survived_on_the_mpirun_path(reference_sha):
+def term_to_the_batch_shell_on_the_mpirun_path(reference_sha):
     """`sbatch sbatch/train.sbatch` by hand, as the README runs it (the mpirun path, 2 nodes x 2 ranks), gets
     two TERMs to its batch shell's process group: one while rank 0's Python has composed its config but the
     ranks have not formed their world, one in the middle of training after the restart resumed."""
