@@ -20,6 +20,9 @@ MODEL_FILE = "model.pt"
 JOB_RECORD = "slurm_job.json"
 # One JSON record per logged step (hpcml.compute.metrics.MetricsWriter).
 METRICS_FILE = "metrics.jsonl"
+# Written by someone outside the job (a study's driver pruning the trial): rank 0 reads it at a step boundary,
+# and the run stops there, saves, and ends successfully without being requeued.
+STOP_REQUEST = "stop_request.json"
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ failure, for displays that must show what they can). Slurm's job state names liv
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -44,3 +45,22 @@ def query(cmd: list[str]) -> str:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
     except subprocess.TimeoutExpired:
         return ""
+
+
+def job_state(job_id: str) -> str | None:
+    """The job's state (CANCELLED, TIMEOUT, RUNNING, PENDING, ...); None when Slurm does not answer.
+
+    While a cancelled or timed-out job's steps are still ending, scontrol says only COMPLETING (and squeue
+    no longer lists it); accounting already has the real state then."""
+    try:
+        text = run(["scontrol", "show", "job", "-o", job_id])
+    except (SubmissionError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"\bJobState=([A-Z_]+)", text)
+    if found is None:
+        return None
+    if found.group(1) == "COMPLETING":
+        accounted = query(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"]).split()
+        if accounted:
+            return accounted[0]  # "CANCELLED by 0" -> CANCELLED
+    return found.group(1)

@@ -210,3 +210,26 @@ def test_the_mpi_stop_agreement_maxes_flags_and_times_out_instead_of_hanging():
     # Rank 0 gave up after half a second instead of waiting; its exit then ends the job (as in training).
     assert "rank 0: not every rank of 2 reached the second agreement within 0.5 s" in done.stdout
     assert done.returncode != 0
+
+
+def test_a_stop_request_is_looked_for_at_most_once_a_second_and_then_kept(tmp_path):
+    from hpcml.compute.preempt import StopRequest
+
+    now = [100.0]
+    request = StopRequest(tmp_path / "stop_request.json", every_s=1.0, clock=lambda: now[0])
+    assert not request.made()
+    (tmp_path / "stop_request.json").write_text('{"reason": "pruned by study s after step 40"}')
+    now[0] += 0.5
+    assert not request.made()  # not looked for again yet
+    now[0] += 0.6
+    assert request.made() and request.reason == "pruned by study s after step 40"
+    (tmp_path / "stop_request.json").unlink()
+    assert request.made()  # a stop, once seen, stays decided
+    assert not StopRequest(None).made()
+
+
+def test_a_requested_stop_ends_the_job_successfully_without_a_requeue(monkeypatch):
+    from hpcml.compute import runtime
+
+    monkeypatch.setattr(runtime.slurm_job, "requeue", lambda job_id: pytest.fail("a requested stop requeued"))
+    assert runtime.requeue_or_stop(TrainJobConfig(), StopReason.REQUESTED) == runtime.EXIT_OK

@@ -27,6 +27,7 @@ BENCHMARKS = {
     "checkpoints": "hpcml.bench.checkpoints",
     "startup": "hpcml.bench.startup",
     "submission": "hpcml.bench.submission",
+    "tuning": "hpcml.bench.tuning",
     "gpu": "hpcml.bench.gpu",  # skipped without a CUDA device
 }
 

@@ -1,4 +1,5 @@
-"""Signals and deadlines -> one agreed stop at a step boundary -> save -> requeue -> distinct exit.
+"""Signals, deadlines and stop requests -> one agreed stop at a step boundary -> save -> requeue (or, for a
+request, a clean end) -> distinct exit.
 
 Slurm warns in different ways: `--signal` (USR2 by default) before the time limit, SIGTERM to every
 rank when a preemption starts, SIGTERM on `scancel` and `scontrol requeue`; some ranks may hear nothing
@@ -10,10 +11,12 @@ signal: rank 0 compares the job's end time with how long a save takes.
 from __future__ import annotations
 
 import enum
+import json
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +31,8 @@ class StopReason(enum.IntEnum):
     NONE = 0
     DEADLINE = 1
     SIGNAL = 2
+    # A stop request file (a study pruning the trial): the run ends here for good, so it outranks a requeue.
+    REQUESTED = 3
 
 
 # Exit statuses of a rank, documented in the README. Slurm and sacct show them as the job's exit code.
@@ -98,6 +103,32 @@ class BoundaryDecision:
     save: bool
 
 
+class StopRequest:
+    """Rank 0's look for a stop request file, at most once a second: a stat per step on a shared filesystem
+    would cost more than some steps do."""
+
+    def __init__(self, path: Path | None, every_s: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self.path = path
+        self.every_s = every_s
+        self.clock = clock
+        self._next_look = 0.0
+        self.reason: str | None = None
+
+    def made(self) -> bool:
+        if self.reason is not None:
+            return True
+        if self.path is None or self.clock() < self._next_look:
+            return False
+        self._next_look = self.clock() + self.every_s
+        try:
+            self.reason = str(json.loads(self.path.read_text()).get("reason", "stop requested"))
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError, AttributeError):
+            self.reason = f"stop requested ({self.path} is unreadable)"
+        return True
+
+
 @dataclass
 class StopCoordinator:
     """Combines every rank's signal flag and rank 0's clock-based triggers into one shared decision."""
@@ -111,8 +142,11 @@ class StopCoordinator:
     # Polled against the same timeout torch.distributed's collectives have.
     over_mpi: bool = False
     timeout_s: float = 300.0
+    request: StopRequest = field(default_factory=lambda: StopRequest(None))
 
     def local_reason(self, save_estimate_s: float, step_estimate_s: float) -> StopReason:
+        if self.is_main and self.request.made():
+            return StopReason.REQUESTED
         if self.guard.received is not None:
             return StopReason.SIGNAL
         if self.is_main and self.deadline.reached(save_estimate_s, step_estimate_s):

@@ -33,12 +33,13 @@ from hpcml.compute.preempt import (
     PreemptionGuard,
     StopCoordinator,
     StopReason,
+    StopRequest,
 )
 from hpcml.compute.trainer import Trainer
 from hpcml.config import TrainJobConfig, parse_signal, validate
 from hpcml.errors import HpcmlError, SubmissionError
 from hpcml.fileio import write_atomically
-from hpcml.outputs import JOB_RECORD
+from hpcml.outputs import JOB_RECORD, STOP_REQUEST
 from hpcml.slurm_commands import REQUEUED_STATES
 
 log = logging.getLogger("hpcml")
@@ -115,8 +116,12 @@ def record_job(output_dir: Path, num_nodes: int) -> None:
     write_atomically(output_dir / JOB_RECORD, lambda f: f.write(json.dumps(record, indent=2).encode()))
 
 
-def requeue_or_stop(cfg: TrainJobConfig, reason: StopReason) -> int:
+def requeue_or_stop(cfg: TrainJobConfig, reason: StopReason, request: StopRequest | None = None) -> int:
     """Rank 0's decision after a stop has been saved: requeue, give up at the cap, or just exit."""
+    if reason is StopReason.REQUESTED:
+        # Asked from outside (a study pruned the trial): the job ends here, successfully, and frees its nodes.
+        log.warning("stopped: %s; checkpoint saved, not requeued", request.reason if request else "requested")
+        return EXIT_OK
     job_id = slurm_job.current_job_id(dict(os.environ))
     if job_id is None or not cfg.preempt.requeue:
         log.warning(
@@ -166,6 +171,7 @@ def stop_coordinator(cfg: TrainJobConfig, ctx: DistributedContext, guard: Preemp
         ctx.is_main,
         over_mpi=ctx.uses_mpi,
         timeout_s=cfg.train.dist_timeout_s,
+        request=StopRequest(Path(cfg.train.output_dir) / STOP_REQUEST if ctx.is_main else None),
     )
 
 
@@ -193,14 +199,15 @@ def run_training(cfg: TrainJobConfig) -> int:
             if ctx.is_main:
                 step_record.mark_formed()  # from here on a failure is the job's own, not start-up's
                 record_job(Path(cfg.train.output_dir), ctx.placement.num_nodes)
-            trainer = Trainer(cfg, ctx, stop_coordinator(cfg, ctx, guard))
+            coordinator = stop_coordinator(cfg, ctx, guard)
+            trainer = Trainer(cfg, ctx, coordinator)
             install_fault_drills(trainer, cfg.fault)
             outcome = trainer.fit()
             del trainer  # see gc.collect() below
             if outcome.stopped is StopReason.NONE:
                 code = EXIT_OK
             else:
-                code = requeue_or_stop(cfg, outcome.stopped) if ctx.is_main else EXIT_OK
+                code = requeue_or_stop(cfg, outcome.stopped, coordinator.request) if ctx.is_main else EXIT_OK
                 code = broadcast_from_rank0(code, ctx)
             guard.ignore_late_signals()  # the run is over: what remains is teardown and exit
     except BaseException as exc:
@@ -214,7 +221,7 @@ def run_training(cfg: TrainJobConfig) -> int:
     teardown_distributed()
     if ctx.uses_mpi and ctx.world_size > 1:
         mpi.world().barrier()  # nobody exits (taking the store or its sockets) while a peer still tears down
-    if code == EXIT_OK and ctx.is_main:
+    if outcome.result is not None and ctx.is_main:  # None: stopped on request (a pruned trial), said above
         r = outcome.result
         log.info(
             "done: %d steps, %s, params sha256 %s..., outputs in %s",

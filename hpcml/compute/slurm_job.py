@@ -6,7 +6,6 @@ local cluster.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import time
 from collections.abc import Mapping
@@ -43,22 +42,8 @@ def end_time(job_id: str) -> float | None:
 
 
 def state(job_id: str) -> str | None:
-    """The job's state (CANCELLED, TIMEOUT, RUNNING, PENDING, ...); None when Slurm does not answer.
-
-    While a cancelled or timed-out job's steps are still ending, scontrol says only COMPLETING (and squeue
-    no longer lists it); accounting already has the real state then."""
-    try:
-        text = slurm_commands.run(["scontrol", "show", "job", "-o", job_id])
-    except (SubmissionError, subprocess.TimeoutExpired):
-        return None
-    found = re.search(r"\bJobState=([A-Z_]+)", text)
-    if found is None:
-        return None
-    if found.group(1) == "COMPLETING":
-        accounted = slurm_commands.query(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"]).split()
-        if accounted:
-            return accounted[0]  # "CANCELLED by 0" -> CANCELLED
-    return found.group(1)
+    """The job's state (CANCELLED, TIMEOUT, RUNNING, PENDING, ...); None when Slurm does not answer."""
+    return slurm_commands.job_state(job_id)
 
 
 def requeue(job_id: str) -> None:

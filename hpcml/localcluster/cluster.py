@@ -56,6 +56,8 @@ class LocalClusterLayout:
     db_name: str = "hpcml_slurm_acct"
     db_user: str = "slurm"
     db_password: str = "hpcml-local"
+    # A database for Optuna studies whose storage is a URL (hydra.sweeper.storage): optuna_storage_url.
+    optuna_db_name: str = "hpcml_optuna"
     # Requeued jobs wait cred_expire+1 s before they may start again; 10 s keeps resume tests short.
     cred_expire_s: int = 10
     # Preemption grace: how long a low-priority job has between SIGTERM and the kill.
@@ -87,6 +89,11 @@ class LocalClusterLayout:
     @property
     def slurmdbd_conf(self) -> Path:
         return self.etc / "slurmdbd.conf"
+
+    @property
+    def optuna_storage_url(self) -> str:
+        """For hydra.sweeper.storage: a study kept in this cluster's MariaDB (needs pymysql)."""
+        return f"mysql+pymysql://{self.db_user}:{self.db_password}@127.0.0.1:{self.mariadb_port}/{self.optuna_db_name}"
 
     @property
     def mariadb_dir(self) -> Path:
@@ -294,7 +301,9 @@ def start_mariadb(layout: LocalClusterLayout) -> None:
         f"CREATE USER IF NOT EXISTS '{layout.db_user}'@'127.0.0.1' IDENTIFIED BY '{layout.db_password}';"
         f"CREATE USER IF NOT EXISTS '{layout.db_user}'@'localhost' IDENTIFIED BY '{layout.db_password}';"
         f"GRANT ALL ON {layout.db_name}.* TO '{layout.db_user}'@'127.0.0.1';"
-        f"GRANT ALL ON {layout.db_name}.* TO '{layout.db_user}'@'localhost';FLUSH PRIVILEGES;"
+        f"GRANT ALL ON {layout.db_name}.* TO '{layout.db_user}'@'localhost';"
+        f"CREATE DATABASE IF NOT EXISTS {layout.optuna_db_name};"
+        f"GRANT ALL ON {layout.optuna_db_name}.* TO '{layout.db_user}'@'127.0.0.1';FLUSH PRIVILEGES;"
     )
     _run(["mariadb", f"--socket={sock}", "-u", "root", "-e", sql])
 

@@ -3,8 +3,11 @@
 hpcml status outputs/sweeps/<time> [--watch]     one row per trial: state, restarts, start-up retries, nodes per attempt, lost nodes,
                                                  step, metrics (--watch: refreshed until every trial has
                                                  ended); a single run's outputs/runs/<time> works too
-hpcml report outputs/sweeps/<time> --mode max|min [--metric NAME]   NAME: the sweep's launch.objective by default
-hpcml resume outputs/sweeps/<time>               resubmit only trials that failed or never finished
+hpcml report outputs/sweeps/<time> --mode max|min [--metric NAME]   NAME: the sweep's launch.objective by default;
+                                                 a study needs neither (Optuna's plots, best.yaml)
+hpcml resume outputs/sweeps/<time>               resubmit only trials that failed or never finished; for a
+                                                 study (hydra/sweeper=study), its driver
+hpcml status <study>                             the study's driver, counts, best trial so far, then the table
 """
 
 from __future__ import annotations
@@ -67,6 +70,10 @@ def render_status(rows: list[TrialStatus], objective: str) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from hpcml.login.tune.study import is_study
+
+    if is_study(args.sweep_dir):
+        return study_status(args)
     sweep = load_sweep(args.sweep_dir, single_runs=True)
     if not args.watch:
         print(render_status(sweep_status(sweep), sweep.objective))
@@ -80,9 +87,39 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def study_status(args: argparse.Namespace) -> int:
+    from hpcml.login.tune.status import study_status
+
+    def render() -> tuple[str, bool]:
+        status = study_status(args.sweep_dir)
+        # Until it has finished, or its driver has ended: then nothing changes until `hpcml resume`.
+        return f"{status.header()}\n{render_status(status.rows, status.spec.objective)}", (
+            status.finished or status.driver_gone
+        )
+
+    text, finished = render()
+    if not args.watch:
+        print(text)
+        return 0
+    while True:  # a watch that outlives the study would hold the terminal for nothing
+        print(f"\033[2J\033[H{time.strftime('%H:%M:%S')}  {args.sweep_dir}\n{text}", flush=True)
+        if finished:
+            return 0
+        time.sleep(args.interval)
+        text, finished = render()
+
+
 def cmd_report(args: argparse.Namespace) -> int:
+    from hpcml.login.tune.study import is_study
+
+    if is_study(args.sweep_dir):
+        return study_report(args)
     from hpcml.login.report import write_report
 
+    if args.mode is None:
+        # No default: whether more is better depends on the metric (accuracy, or a loss), and a wrong guess
+        # would name the worst trial the best. (A study knows its direction.)
+        raise SubmissionError("hpcml report: give --mode max (higher is better) or --mode min for a sweep.")
     sweep = load_sweep(args.sweep_dir)
     metric = args.metric or sweep.objective
     report = write_report(sweep, metric, args.mode)
@@ -92,7 +129,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def study_report(args: argparse.Namespace) -> int:
+    from hpcml.login.tune.report import write_study_report
+
+    if args.metric is not None or args.mode is not None:
+        raise SubmissionError(
+            "hpcml report: a study is ranked by its own objective and direction; drop --metric/--mode."
+        )
+    report = write_study_report(args.sweep_dir)
+    print(report.markdown)
+    for reason in report.skipped:
+        print(f"not drawn: {reason}")
+    print(f"best: trial {report.best.num} ({' '.join(report.best.overrides)}) with {report.best.value:.6g}")
+    print(f"written: {', '.join(str(p) for p in report.files)}")
+    return 0
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
+    from hpcml.login.tune.study import is_study
+
+    if is_study(args.sweep_dir):
+        from hpcml.login.tune.submit import resume_study
+
+        job_id = resume_study(args.sweep_dir)
+        print(f"study driver resubmitted: Slurm job {job_id}; it re-attaches to the trials queued or running")
+        return 0
     sweep = load_sweep(args.sweep_dir)
     resubmitted = resume_sweep(sweep)
     if not resubmitted:
@@ -141,9 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a metric the trials logged (metrics.jsonl); default: the sweep's launch.objective",
     )
-    # No default: whether more is better depends on the metric (accuracy, or a loss), and a wrong guess would
-    # name the worst trial the best.
-    report.add_argument("--mode", choices=("max", "min"), required=True, help="max: higher is better; min: lower")
+    report.add_argument(
+        "--mode", choices=("max", "min"), default=None, help="a sweep's: max: higher is better; min: lower"
+    )
     report.set_defaults(run=cmd_report)
     resume = verbs.add_parser("resume", help="resubmit trials that failed or never finished")
     resume.add_argument("sweep_dir", type=Path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
 from hpcml.slurm_commands import query, run
@@ -66,3 +67,31 @@ def array_task_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
         if len(parts) == 3:
             states[parts[0]] = (parts[1], parts[2])
     return states
+
+
+def jobs_named(names: list[str], since: float) -> dict[str, str]:
+    """Job name -> the newest job id with that name submitted since `since` (a Unix time): queued or running
+    ones from squeue, ended ones from sacct. How a restarted study driver finds trials it submitted just before
+    it was stopped, before it could write their ids down."""
+    if not names:
+        return {}
+    found: dict[str, str] = {}
+    start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since - 60))
+    sacct = ["sacct", "-X", "-n", "-P", "-S", start, "--name", ",".join(names), "-o", "JobName,JobID"]
+    squeue = ["squeue", "-h", "--name", ",".join(names), "-o", "%j|%i"]
+    # `run`, not `query`: a lookup that failed must not read as "never submitted" (a duplicate would follow).
+    for line in [*run(sacct).splitlines(), *run(squeue).splitlines()]:
+        name, _, job_id = line.partition("|")
+        if name in names and job_id and (name not in found or int(job_id) > int(found[name])):
+            found[name] = job_id
+    return found
+
+
+def cancel_named(prefix: str) -> list[str]:
+    """Cancel every queued or running job of this user whose name starts with `prefix` (a study's driver and
+    trials all start with hpcml-study-<token>); returns their ids."""
+    listed = query(["squeue", "-h", "--me", "-o", "%i|%j"]).split()
+    jobs = [job for job, _, name in (line.partition("|") for line in listed) if name.startswith(prefix)]
+    if jobs:
+        run(["scancel", *jobs])
+    return jobs

@@ -250,8 +250,10 @@ def swept_overrides(sweep: Sweep) -> dict[int, list[str]]:
     return {t.num: [o for o in t.overrides if o.partition("=")[0] in varying] for t in sweep.trials}
 
 
-def sweep_status(sweep: Sweep) -> list[TrialStatus]:
-    states = slurm.array_task_states([t.job_id for t in sweep.trials if t.job_id])
+def sweep_status(sweep: Sweep, states: dict[str, tuple[str, str]] | None = None) -> list[TrialStatus]:
+    """One row per trial; `states` (slurm.array_task_states of every trial's job) when the caller asked already."""
+    if states is None:
+        states = slurm.array_task_states([t.job_id for t in sweep.trials if t.job_id])
     shown = swept_overrides(sweep)
     rows = []
     for trial in sweep.trials:

@@ -217,10 +217,17 @@ def deadline_saves_on_its_own_clock_and_requeues(reference_sha):
     assert_nothing_lost(log, STEPS, attempts=len(history))
 
 
-@pytest.mark.parametrize("layout", ["replicated", "sharded"])
-def test_kill_9_during_a_save_keeps_the_previous_checkpoint(layout, references):
+def test_kill_9_during_a_save_keeps_the_previous_checkpoint_in_both_layouts(references):
     """Replicated (DDP): rank 0, the writer, dies mid-write. Sharded (FSDP): rank 3, on the second node, dies
-    with its shard cut in half, after writing it and before the commit, while the others wait for it."""
+    with its shard cut in half, after writing it and before the commit, while the others wait for it. Two
+    jobs at once."""
+    together(
+        replicated=partial(kill_9_during_a_save, "replicated", references),
+        sharded=partial(kill_9_during_a_save, "sharded", references),
+    )
+
+
+def kill_9_during_a_save(layout, references):
     args, reference_out = ([], references["builtin"]) if layout == "replicated" else (USER_RUN, references["user"])
     killed_rank = 0 if layout == "replicated" else 3
     out = new_out(f"kill9-{layout}")

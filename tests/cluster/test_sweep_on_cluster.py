@@ -5,7 +5,6 @@ import re
 import subprocess
 import time
 
-import pytest
 from helpers import PYTHON, ROOT, TRAIN, mpi_env, site_policy
 
 from hpcml.login.sweep import TERMINAL_STATES, load_sweep, sweep_status
@@ -111,45 +110,6 @@ def test_six_trial_sweep_end_to_end():
     record = json.loads((base / "4" / "slurm_job.json").read_text())
     assert record["job_id"] == after.trials[4].job_id
     assert (base / "4" / "overrides.yaml").is_file() and (base / "4" / "config.yaml").is_file()
-
-
-def test_optuna_sweep_waits_for_each_batch_and_gets_its_objectives():
-    """A user's model and task (tests/user_code.py): Optuna minimizes the metric their evaluate() returns."""
-    from user_code import USE
-
-    base = ROOT / "outputs" / "test-runs" / f"optuna-{time.time_ns()}"
-    done = subprocess.run(
-        [
-            PYTHON,
-            TRAIN,
-            "-m",
-            *USE,
-            "cluster=local",
-            "hydra/sweeper=optuna",
-            "hydra.sweeper.n_trials=4",
-            "hydra.sweeper.n_jobs=2",
-            "hydra.sweeper.direction=minimize",
-            "launch.objective=val_mse",
-            "optim.lr=interval(0.02,0.2)",
-            "train.steps=50",
-            "cluster.nodes=1",
-            "cluster.tasks_per_node=1",
-            f"hydra.sweep.dir={base}",
-        ],
-        cwd=ROOT,
-        env=mpi_env(),
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert len(re.findall(r"submitted 2 trials as Slurm array \d+", done.stdout)) == 2  # one array per Optuna batch
-    assert [t.num for t in load_sweep(base).trials] == [0, 1, 2, 3]
-    errors = [json.loads((base / str(n) / "result.json").read_text())["metrics"]["val_mse"] for n in range(4)]
-    best = float(re.search(r"Best value: ([\d.e-]+)", done.stdout + done.stderr).group(1))
-    assert best == pytest.approx(min(errors), rel=1e-9)
-    status = hpcml("status", str(base))
-    assert status.stdout.splitlines()[0].split()[9] == "val_mse", status.stdout  # the sweep's objective column
 
 
 def run_sweep(base, *overrides) -> subprocess.CompletedProcess:
