@@ -338,3 +338,27 @@ def test_a_driver_told_to_stop_leaves_its_records_whole_and_a_new_one_finishes_t
     assert len(cluster.jobs) == 3 and all(t.job_id for t in load_trials(tmp_path / "study"))
     StudyDriver(tmp_path / "study", cluster, sleep=lambda s: None).run()
     assert [t.outcome for t in load_trials(tmp_path / "study")] == ["complete"] * 6 and len(cluster.jobs) == 6
+
+
+@pytest.mark.parametrize(
+    "state, requeue_fails, code, requeued",
+    [("CANCELLED", False, 0, False), ("RUNNING", False, 0, True), ("RUNNING", True, 1, True)],
+)
+def test_after_a_term_the_driver_leaves_only_once_its_job_is_cancelled_or_requeued(
+    monkeypatch, state, requeue_fails, code, requeued
+):
+    from hpcml.errors import SubmissionError
+    from hpcml.login.tune import driver
+
+    calls = []
+
+    def scontrol(cmd):
+        calls.append(cmd)
+        if requeue_fails:
+            raise SubmissionError("scontrol requeue: Requested operation is presently disabled")
+
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setattr(driver, "job_state", lambda job: state)
+    monkeypatch.setattr(driver, "run", scontrol)
+    assert driver.leave_after_a_term(wait_s=0) == code  # 1: waited for a kill that never came, and said so
+    assert (calls == [["scontrol", "requeue", "42"]]) == requeued

@@ -17,7 +17,7 @@ from hpcml.login import slurm
 from hpcml.login.tune.study import StudySpec, load_trials
 from hpcml.login.tune.submit import driver_job_id
 
-TRIAL_STEPS = 200
+TRIAL_STEPS = 120
 
 
 def submit_study(base, *args) -> tuple[subprocess.CompletedProcess, float]:

@@ -50,7 +50,7 @@ from hpcml.login.tune.study import (
 )
 from hpcml.login.tune.submit import load_template
 from hpcml.outputs import METRICS_FILE, RESULT_FILE, STOP_REQUEST, read_metrics, read_objective
-from hpcml.slurm_commands import TERMINAL_STATES, job_state, run
+from hpcml.slurm_commands import REQUEUED_STATES, TERMINAL_STATES, job_state, run
 
 log = logging.getLogger("hpcml.login.tune")
 # How long a trial's job may be missing from both squeue and sacct before it is judged by its outputs.
@@ -106,7 +106,12 @@ class StudyDriver:
     # ------------------------------------------------------------ the loop
 
     def run(self) -> dict[str, object]:
-        if others := self.slurm.other_drivers(self.spec.driver_job_name):
+        try:
+            others = self.slurm.other_drivers(self.spec.driver_job_name)
+        except HpcmlError as err:  # squeue did not answer: a busy controller must not end the study
+            log.warning("cannot check for another driver of this study (%s); going on", err)
+            others = []
+        if others:
             # Two drivers would each fill max_parallel and answer to the same trials.
             raise StudyError(f"job {others[0]} drives study {self.spec.name} already; this driver stops here.")
         self.adopt_orphans()
@@ -380,8 +385,9 @@ def main(argv: list[str]) -> int:
 
 def leave_after_a_term(wait_s: float = 600) -> int:
     """A TERM came from `scancel` (the job is CANCELLED: leave now, `hpcml resume` goes on), a preemption or a
-    requeue (Slurm is requeueing it already), or `scancel --signal=TERM` alone (requeue it, as a training job
-    would). The job must not end by itself before Slurm requeues it: wait for Slurm's kill."""
+    requeue, or `scancel --signal=TERM` alone. As a training job's rank 0 does, requeue the job, then leave:
+    it comes back and re-attaches. What must not happen is leaving before the job is requeued (measured: a
+    driver that died of a preemption's TERM ended FAILED, not requeued)."""
     job_id = os.environ.get("SLURM_JOB_ID")
     state = job_state(job_id) if job_id else None
     if job_id is None or state == "CANCELLED":
@@ -390,9 +396,14 @@ def leave_after_a_term(wait_s: float = 600) -> int:
     try:
         run(["scontrol", "requeue", job_id])
         log.warning("stopped by a TERM; job %s requeued", job_id)
-    except HpcmlError:
-        log.warning("stopped by a TERM; Slurm is requeueing job %s already (%s)", job_id, state)
-    time.sleep(wait_s)  # Slurm's kill ends this; the requeued job starts the driver again
+        return 0
+    except HpcmlError as err:
+        state = job_state(job_id)
+        if "pending execution" in str(err) or state in REQUEUED_STATES:
+            log.warning("stopped by a TERM; Slurm is requeueing job %s already (%s)", job_id, state)
+            return 0
+        log.warning("stopped by a TERM; requeueing job %s failed (%s): waiting for Slurm to end it", job_id, err)
+    time.sleep(wait_s)  # Slurm's kill ends this: a preemption's grace time, or KillWait
     log.error("stopped by a TERM, but Slurm neither requeued nor ended job %s: `hpcml resume <study>`", job_id)
     return 1
 
