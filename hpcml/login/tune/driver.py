@@ -42,6 +42,7 @@ from hpcml.login.tune.study import (
     StudyError,
     StudySpec,
     StudyTrial,
+    best_trial,
     distributions,
     load_optuna_study,
     load_trials,
@@ -334,11 +335,7 @@ class StudyDriver:
     # ------------------------------------------------------------ records
 
     def best(self) -> StudyTrial | None:
-        done = [t for t in self.trials if t.outcome == COMPLETE and t.value is not None]
-        if not done:
-            return None
-        pick = max if self.spec.direction == "maximize" else min
-        return pick(done, key=lambda t: t.value)
+        return best_trial(self.spec, self.trials)
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

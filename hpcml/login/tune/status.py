@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hpcml.login import slurm
 from hpcml.login.sweep import TrialStatus, load_sweep, sweep_status
-from hpcml.login.tune.study import COMPLETE, FAILED, PRUNED, RUNNING, StudySpec, StudyTrial, load_trials
+from hpcml.login.tune.study import COMPLETE, FAILED, PRUNED, RUNNING, StudySpec, StudyTrial, best_trial, load_trials
 from hpcml.login.tune.submit import driver_job_id
 from hpcml.slurm_commands import ACTIVE_STATES
 
@@ -24,9 +24,7 @@ class StudyStatus:
 
     @property
     def best(self) -> StudyTrial | None:
-        done = [t for t in self.trials if t.outcome == COMPLETE and t.value is not None]
-        pick = max if self.spec.direction == "maximize" else min
-        return pick(done, key=lambda t: t.value) if done else None
+        return best_trial(self.spec, self.trials)
 
     def header(self) -> str:
         counts = {o: sum(t.outcome == o for t in self.trials) for o in (RUNNING, COMPLETE, PRUNED, FAILED)}

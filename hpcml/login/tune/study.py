@@ -124,6 +124,13 @@ class StudyTrial:
         return len(self.previous_job_ids)
 
 
+def best_trial(spec: StudySpec, trials: list[StudyTrial]) -> StudyTrial | None:
+    """The completed trial with the best value in the study's direction; None before any completed."""
+    done = [t for t in trials if t.outcome == COMPLETE and t.value is not None]
+    pick = max if spec.direction == "maximize" else min
+    return pick(done, key=lambda t: t.value) if done else None
+
+
 def load_trials(study_dir: Path) -> list[StudyTrial]:
     path = Path(study_dir) / TRIALS_FILE
     if not path.is_file():
