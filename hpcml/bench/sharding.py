@@ -1,5 +1,7 @@
 """FSDP against DDP on the same transformer LM and ranks: training-state memory per rank, tokens/s, and the
-sharded save (every rank writes its shard) against rank 0 writing the whole state, and against the disk.
+sharded save (every rank writes its shard) against rank 0 writing the whole state, and against the disk;
+how long an asynchronous sharded save blocks training against a synchronous one; and, at 2 ranks, a resume
+from the checkpoint the 4 ranks wrote (resharded while loading) against a resume from one written at 2.
 
 Memory is counted, not sampled: the bytes of the parameters, gradients and optimizer state each rank holds
 after a step (a sharded tensor's local shard), which is what sharding divides; a process's peak RSS on this
@@ -31,8 +33,13 @@ from hpcml.config import CheckpointConfig, LoaderConfig, TrainConfig, TrainJobCo
 
 MEMORY_TARGET = 0.35  # FSDP's training state per rank at most 0.35x DDP's (4 ranks; ideal 0.25)
 DISK_TARGET = 0.8  # a sharded save writes at 0.8 of the disk's own speed or better
+ASYNC_STALL_TARGET = 0.1  # an asynchronous sharded save blocks training for at most 0.1x a synchronous save
 ENDLESS = 10**9
 RANKS = 4
+RESHARD_RANKS = 2  # the resharding resume: the checkpoint the RANKS ranks wrote, loaded at this many
+# Where the RANKS-rank run leaves its last FSDP checkpoint for that resume: in the benchmark's working folder,
+# which both runs share (each worker's own folder is removed when it ends).
+SAVED_AT_RANKS = "sharding-saved-at-ranks"
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,7 @@ class Variant:
     per_rank_batch: int
 
 
-def make_trainer(v: Variant, ctx, workdir: Path, grad_sync: str) -> Trainer:
+def make_trainer(v: Variant, ctx, workdir: Path, grad_sync: str, async_save: bool = False) -> Trainer:
     cfg = TrainJobConfig(
         model={"_target_": "hpcml.workloads.gpt.TinyGPT", "block_size": v.block_size, "d_model": v.d_model,
                "n_layer": v.n_layer, "n_head": 4},
@@ -53,9 +60,10 @@ def make_trainer(v: Variant, ctx, workdir: Path, grad_sync: str) -> Trainer:
         task={"_target_": "hpcml.workloads.language_model.LanguageModeling"},
         optim={"_target_": "torch.optim.AdamW", "lr": 0.001, "weight_decay": 0.1},
         loader=LoaderConfig(num_workers=0),
-        train=TrainConfig(steps=ENDLESS, global_batch_size=v.per_rank_batch * ctx.world_size, grad_sync=grad_sync,
-                          transport="torch", output_dir=str(workdir / grad_sync)),
-        checkpoint=CheckpointConfig(keep_last=1),
+        # One global batch at any rank count: a resume at RESHARD_RANKS continues the RANKS-rank run's stream.
+        train=TrainConfig(steps=ENDLESS, global_batch_size=v.per_rank_batch * RANKS, grad_sync=grad_sync,
+                          transport="torch", output_dir=str(workdir / f"{grad_sync}-async{int(async_save)}")),
+        checkpoint=CheckpointConfig(keep_last=1, async_save=async_save),
     )  # fmt: skip
     trainer = Trainer(cfg, ctx, stop_coordinator(cfg, ctx, PreemptionGuard([])))
     trainer.settle()
@@ -89,13 +97,32 @@ def timed_save(trainer: Trainer) -> float:
     return time.perf_counter() - started
 
 
+def timed_async_stall(trainer: Trainer) -> float:
+    """How long an asynchronous save holds the training thread (every rank's, the slowest's); the write that
+    goes on in the background is waited for afterwards, outside the figure."""
+    os.sync()
+    dist.barrier()
+    started = time.perf_counter()
+    trainer.save(wait=False)
+    blocked = time.perf_counter() - started
+    trainer.checkpoints.sharded_writer.wait()
+    slowest = torch.tensor([blocked])
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return float(slowest)
+
+
+def newest_checkpoint(directory: Path) -> Path:
+    return max(directory.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
 def checkpoint_bytes(directory: Path) -> int:
-    newest = max(directory.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return sum(f.stat().st_size for f in newest.rglob("*") if f.is_file())
+    return sum(f.stat().st_size for f in newest_checkpoint(directory).rglob("*") if f.is_file())
 
 
-def measure(v: Variant, ctx, budget_s: float, rounds: int, workdir: Path) -> dict:
+def measure(v: Variant, ctx, budget_s: float, rounds: int, workdir: Path, kept: Path) -> dict:
     trainers = {sync: make_trainer(v, ctx, workdir, sync) for sync in ("fsdp", "ddp")}
+    asynchronous = make_trainer(v, ctx, workdir, "fsdp", async_save=True)
+    training.loop_step(asynchronous)()
     steps = {sync: training.loop_step(t) for sync, t in trainers.items()}
     for step in steps.values():
         step()  # the optimizer state exists after the first step
@@ -104,18 +131,23 @@ def measure(v: Variant, ctx, budget_s: float, rounds: int, workdir: Path) -> dic
     rounds_s: dict[str, list[float]] = {sync: [] for sync in trainers}
     saves_s: dict[str, list[float]] = {sync: [] for sync in trainers}
     disk_s: list[float] = []
+    stalls_s: list[float] = []
     size = 0
     for _ in range(rounds):
         for sync, step in steps.items():
             rounds_s[sync].append(mean_time(step, iters, warmup=1))
             saves_s[sync].append(timed_save(trainers[sync]))
+        stalls_s.append(timed_async_stall(asynchronous))
         if ctx.is_main:  # the disk's own speed for as many bytes as the sharded checkpoint holds
             size = checkpoint_bytes(trainers["fsdp"].checkpoint_dir)
             disk_s.append(disk_write(workdir / "disk-baseline.bin", np.ones(size, dtype=np.uint8)))
     dist.barrier()  # every rank's last save is done before rank 0 clears the folders
     if ctx.is_main:
         (workdir / "disk-baseline.bin").unlink(missing_ok=True)
-        for t in trainers.values():
+        shutil.rmtree(kept, ignore_errors=True)
+        newest = newest_checkpoint(trainers["fsdp"].checkpoint_dir)
+        shutil.copytree(newest, kept / newest.name)  # for the resharding resume (measure_reshard)
+        for t in [*trainers.values(), asynchronous]:
             shutil.rmtree(t.checkpoint_dir, ignore_errors=True)
     return {
         **asdict(v),
@@ -124,18 +156,65 @@ def measure(v: Variant, ctx, budget_s: float, rounds: int, workdir: Path) -> dic
         "rounds_s": rounds_s,
         "saves_s": saves_s,
         "disk_write_s": disk_s,
+        "async_stall_s": stalls_s,
         "sharded_checkpoint_bytes": size,
         "step_s": {sync: statistics.median(s) for sync, s in rounds_s.items()},
     }
 
 
+def timed_resume(trainer: Trainer) -> float:
+    """One resume as a restarted job makes it: choose the newest checkpoint, verify its files, load them."""
+    dist.barrier()
+    started = time.perf_counter()
+    trainer.resume()
+    dist.barrier()
+    return time.perf_counter() - started
+
+
+def measure_reshard(v: Variant, ctx, rounds: int, workdir: Path, kept: Path) -> dict:
+    """At RESHARD_RANKS ranks: resume from the RANKS-rank checkpoint (resharded while loading) against resume
+    from a checkpoint of the same state written at RESHARD_RANKS ranks; the two alternate."""
+    resharded = make_trainer(v, ctx, workdir / "resharded", "fsdp")
+    same = make_trainer(v, ctx, workdir / "same", "fsdp")
+    training.loop_step(same)()
+    timed_save(same)
+    if ctx.is_main:
+        saved = newest_checkpoint(kept)
+        shutil.copytree(saved, resharded.checkpoint_dir / saved.name)
+    dist.barrier()
+    loads_s: dict[str, list[float]] = {"resharded": [], "same": []}
+    for _ in range(rounds):
+        loads_s["resharded"].append(timed_resume(resharded))
+        loads_s["same"].append(timed_resume(same))
+    if resharded.resumed_from is None or same.resumed_from is None:
+        raise RuntimeError("a resume found no checkpoint to load: the resharding figure would time nothing")
+    dist.barrier()
+    if ctx.is_main:
+        for folder in (workdir / "resharded", workdir / "same", kept):
+            shutil.rmtree(folder, ignore_errors=True)
+    return {**asdict(v), "ranks": ctx.world_size, "saved_at_ranks": RANKS, "resume_s": loads_s}
+
+
 def measure_all(variants: list[Variant], ctx, budget_s: float, rounds: int, workdir: Path) -> list[dict]:
-    return [measure(v, ctx, budget_s, rounds, workdir) for v in variants]
+    # One worker module, two runs: the RANKS-rank run leaves its checkpoint for the RESHARD_RANKS-rank one.
+    (v,) = variants  # one checkpoint is kept between the runs
+    kept = workdir.parent / SAVED_AT_RANKS
+    if ctx.world_size == RESHARD_RANKS:
+        return [measure_reshard(v, ctx, rounds, workdir, kept)]
+    return [measure(v, ctx, budget_s, rounds, workdir, kept)]
 
 
 def figures_for(rows: list[dict]) -> list[Figure]:
     figures = []
     for r in rows:
+        if "resume_s" in r:
+            figures.append(
+                Figure.from_rounds("sharding", f"{r['name']}: resume at {r['ranks']} ranks from a checkpoint "
+                                   f"written at {r['saved_at_ranks']} (resharded)", "s", r["resume_s"]["resharded"],
+                                   f"resume from one written at {r['ranks']}", r["resume_s"]["same"],
+                                   higher_is_better=False)
+            )  # fmt: skip
+            continue
         memory = {sync: sum(parts.values()) for sync, parts in r["memory_bytes"].items()}
         figures.append(
             Figure.from_rounds("sharding", f"{r['name']}: parameters + gradients + optimizer state per rank, "
@@ -159,6 +238,11 @@ def figures_for(rows: list[dict]) -> list[Figure]:
                                    r["saves_s"]["fsdp"], "one write + fsync of as many bytes", r["disk_write_s"],
                                    higher_is_better=False, target=DISK_TARGET)
             )  # fmt: skip
+        figures.append(
+            Figure.from_rounds("sharding", f"{r['name']}: training blocked by an asynchronous sharded save", "s",
+                               r["async_stall_s"], "synchronous sharded save", r["saves_s"]["fsdp"],
+                               higher_is_better=False, target=1 / ASYNC_STALL_TARGET)
+        )  # fmt: skip
     return figures
 
 
@@ -170,7 +254,11 @@ def run(quick: bool, workdir: Path) -> BenchResult:
     budget_s, rounds = (0.2, 1) if quick else (1.0, 3)
     result = BenchResult("sharding", quick, {"budget_s": budget_s, "rounds": rounds, "cpu_cores": os.cpu_count()})
     variants = QUICK_VARIANTS if quick else VARIANTS
-    result.measurements.extend(training.measure_on_ranks(__name__, RANKS, variants, budget_s, rounds, workdir))
+    try:
+        for ranks in (RANKS, RESHARD_RANKS):  # in this order: the second resumes from the first one's checkpoint
+            result.measurements.extend(training.measure_on_ranks(__name__, ranks, variants, budget_s, rounds, workdir))
+    finally:
+        shutil.rmtree(workdir / SAVED_AT_RANKS, ignore_errors=True)
     result.figures = figures_for(result.measurements)
     result.notes.append(
         "Memory counts each rank's parameter, gradient and optimizer-state bytes after a step (sharded tensors: "
