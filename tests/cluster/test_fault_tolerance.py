@@ -137,24 +137,43 @@ def rank_pids(job: str, node: str) -> list[int]:
     return pids
 
 
-def test_an_elastic_sharded_job_that_loses_rank_0s_node_comes_back_on_the_other_with_the_same_stream():
-    """Elastic requeue and job migration in one job. cluster.min_nodes=1 (`--nodes=1-2`): a user's FSDP run on
-    2 nodes x 2 ranks, on a Dataset that draws torch and numpy noise in __getitem__ read by two DataLoader
-    workers per rank. kill -9 of both ranks on n1, rank 0's node, where the batch shell runs: what a node crash
-    looks like from inside. The batch shell reads srun's report of which node's ranks were killed, requeues the
-    job and excludes n1; Slurm restarts it on the one node left (a job whose batch script fixed its tasks per
-    node would never fit there), it reshards its last checkpoint to 2 ranks and ends where the same run
-    uninterrupted on 4 ranks does, to float tolerance (the reduction order differs). A worker seeded from
-    process state, or a sampler that split the stream by world size, would not. `hpcml status` shows each
-    attempt's node count and the lost node. (An exception in one rank's code still fails the job at once, no
-    retry: test_train_on_cluster.py.)"""
-    run = [*USE, "+data.train.noise=0.3", "loader.num_workers=2", "train.grad_sync=fsdp", "train.steps=120"]
-    out = new_out("migrate")
-    wait_for_idle_cluster()  # so that the first attempt gets both nodes
-    proc = submit(out, *run, "cluster.min_nodes=1", "fault.step_sleep_s=0.1", "checkpoint.every_steps=30")
+MIGRATION_RUN = [*USE, "+data.train.noise=0.3", "loader.num_workers=2", "train.grad_sync=fsdp", "train.steps=120"]
+
+
+def test_an_elastic_sharded_job_that_loses_a_node_comes_back_on_the_other_with_the_same_stream():
+    """Elastic requeue and job migration, two jobs at once, one per lost node: rank 0's (n1, where the batch
+    shell runs) and the other (n2). cluster.min_nodes=1 (`--nodes=1-2`): a user's FSDP run on 2 nodes x 2
+    ranks, on a Dataset that draws torch and numpy noise in __getitem__ read by two DataLoader workers per
+    rank. kill -9 of both ranks on the lost node and their workers: what a node crash looks like from inside.
+    The batch shell reads srun's report of which node's ranks were killed, requeues the job and excludes that
+    node; Slurm restarts it on the one node left (a job whose batch script fixed its tasks per node would
+    never fit there), it reshards its last checkpoint to 2 ranks and ends where the same run uninterrupted on
+    4 ranks does, to float tolerance (the reduction order differs). A worker seeded from process state, or a
+    sampler that split the stream by world size, would not. `hpcml status` shows each attempt's node count and
+    the lost node. (An exception in one rank's code still fails the job at once, no retry:
+    test_train_on_cluster.py.)"""
+    outs = {"n1": new_out("migrate-rank0s-node"), "n2": new_out("migrate-other-node")}
+    wait_for_idle_cluster()  # so that each job's first attempt gets both nodes
+    together(
+        rank_0s_node=partial(lose_a_node, outs["n1"], "n1", "n2"),
+        another_node=partial(lose_a_node, outs["n2"], "n2", "n1"),
+    )
+    reference = new_out("migrate-reference")
+    finish(submit(reference, *MIGRATION_RUN))
+    assert read_result(reference)["world_size"] == 4
+    expected = torch.load(reference / "model.pt", weights_only=True)
+    for lost, out in outs.items():
+        got = torch.load(out / "model.pt", weights_only=True)
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=f"lost {lost}: {name} differs")
+
+
+def lose_a_node(out, lost: str, kept: str) -> None:
+    """Kill every process of the job on node `lost` past its step-30 checkpoint; it must finish on `kept`."""
+    proc = submit(out, *MIGRATION_RUN, "cluster.min_nodes=1", "fault.step_sleep_s=0.1", "checkpoint.every_steps=30")
     job = job_id_of(out)
     wait_for_step(out, 40)  # past the step-30 checkpoint
-    pids = rank_pids(job, "n1")  # its 2 ranks and their DataLoader workers: all of them, as a crash would
+    pids = rank_pids(job, lost)  # its 2 ranks and their DataLoader workers: all of them, as a crash would
     assert len(pids) >= 2, pids
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
@@ -162,24 +181,18 @@ def test_an_elastic_sharded_job_that_loses_rank_0s_node_comes_back_on_the_other_
     result = read_result(out)
     assert (result["world_size"], result["num_nodes"]) == (2, 1) and result["resumed_from_step"] >= 30
     record = json.loads((out / "slurm_job.json").read_text())
-    assert record["lost_nodes"] == ["n1"] and record["nodes"] == "n2" and record["attempt_nodes"] == [2, 1]
+    assert record["lost_nodes"] == [lost] and record["nodes"] == kept and record["attempt_nodes"] == [2, 1]
     history = attempts(job)
     assert history[-1] == "COMPLETED" and len(history) == 2, history
     log = rank0_log(out, job)
-    assert "srun: error: n1: tasks 0-1: Killed" in log and "lost the ranks on n1" in log
+    tasks = "0-1" if lost == "n1" else "2-3"
+    assert f"srun: error: {lost}: tasks {tasks}: Killed" in log and f"lost the ranks on {lost}" in log
     assert "written by 4 ranks, sharded, now 2)" in log
     status = subprocess.run(
         [PYTHON, "-m", "hpcml.login.cli", "status", str(out)], cwd=ROOT, capture_output=True, text=True
     )
     header, row = status.stdout.splitlines()[:2]
-    assert row[header.index("nodes") :].split()[:2] == ["2,1", "n1"], status.stdout
-    reference = new_out("migrate-reference")
-    finish(submit(reference, *run))
-    assert read_result(reference)["world_size"] == 4
-    expected = torch.load(reference / "model.pt", weights_only=True)
-    got = torch.load(out / "model.pt", weights_only=True)
-    for name, value in expected.items():
-        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=f"{name} differs")
+    assert row[header.index("nodes") :].split()[:2] == ["2,1", lost], status.stdout
 
 
 def test_time_limits_are_met_by_the_deadline_alone_on_srun_and_by_the_trapped_signal_on_mpirun(reference_sha):
@@ -258,7 +271,19 @@ def kill_9_during_a_save(layout, references):
     assert not (out / "checkpoints" / ".step-150.partial").exists()  # cleaned up by the next commit
 
 
-def test_requeue_cap_fails_the_job_with_a_visible_reason():
+def test_the_requeue_cap_and_a_start_up_crash_are_counted_and_shown_two_jobs_at_once(out_dir):
+    """Two jobs at once, neither preempted (a preemption would take the other's nodes too): the requeue cap
+    below, and a start-up crash relaunched inside its allocation (test_startup_faults.py)."""
+    from test_startup_faults import start_up_crash_is_relaunched_counted_and_shown
+
+    together(
+        requeue_cap=requeue_cap_fails_the_job_with_a_visible_reason,
+        start_up_crash=partial(start_up_crash_is_relaunched_counted_and_shown, out_dir),
+    )
+
+
+def requeue_cap_fails_the_job_with_a_visible_reason():
+    """preempt.max_requeues=1 and two TERMs: the second attempt fails the job with the reason in sacct and its log."""
     out = new_out("cap")
     proc = submit(out, *SLOW, "preempt.max_requeues=1")
     job = job_id_of(out)

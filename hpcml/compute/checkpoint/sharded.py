@@ -76,8 +76,8 @@ def _files_of_rank(shards: Path, rank: int) -> list[Path]:
 
 @dataclass(frozen=True)
 class ShardedSave:
-    """One sharded checkpoint to write: every rank's `shards`; on rank 0 also `rest`, the replicated state,
-    and every rank's `rng_states` (None elsewhere)."""
+    """One sharded checkpoint to write: this rank's `shards`; `rest`, the replicated state, on rank 0 (None
+    elsewhere); and `rng_states`, every rank's RNG state (gathered on every rank; rank 0 writes them)."""
 
     step: int
     header: dict[str, Any]
