@@ -1,7 +1,8 @@
 """FSDP against DDP on the same transformer LM and ranks: training-state memory per rank, tokens/s, and the
 sharded save (every rank writes its shard) against rank 0 writing the whole state, and against the disk;
 how long an asynchronous sharded save blocks training against a synchronous one; and, at 2 ranks, a resume
-from the checkpoint the 4 ranks wrote (resharded while loading) against a resume from one written at 2.
+from the checkpoint the 4 ranks wrote (resharded while loading) against a resume from one of the same
+shapes and size written at 2.
 
 Memory is counted, not sampled: the bytes of the parameters, gradients and optimizer state each rank holds
 after a step (a sharded tensor's local shard), which is what sharding divides; a process's peak RSS on this
@@ -173,7 +174,7 @@ def timed_resume(trainer: Trainer) -> float:
 
 def measure_reshard(v: Variant, ctx, rounds: int, workdir: Path, kept: Path) -> dict:
     """At RESHARD_RANKS ranks: resume from the RANKS-rank checkpoint (resharded while loading) against resume
-    from a checkpoint of the same state written at RESHARD_RANKS ranks; the two alternate."""
+    from a checkpoint of the same shapes and size written at RESHARD_RANKS ranks; the two alternate."""
     resharded = make_trainer(v, ctx, workdir / "resharded", "fsdp")
     same = make_trainer(v, ctx, workdir / "same", "fsdp")
     training.loop_step(same)()

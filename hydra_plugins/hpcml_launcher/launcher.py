@@ -215,6 +215,13 @@ class HpcmlLauncher(Launcher):
             template.read_by_interpolations = frozenset(sources)
         return config, trial_dir
 
+    @property
+    def first_trial_composed(self) -> DictConfig:
+        """The first trial's config as Hydra composed it, hydra node included (after a validated_trial())."""
+        if self._template is None:
+            raise RuntimeError("no trial was composed yet: call validated_trial() first")
+        return self._template.composed
+
     def _derive_validated(self, parsed: list[Override], num: int) -> tuple[TrainJobConfig, Path] | None:
         template = self._template
         if template is None or template.config is None or template.hydra_scratch is None:

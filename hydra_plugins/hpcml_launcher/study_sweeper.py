@@ -90,7 +90,7 @@ class StudySweeper(Sweeper):
             template, _ = launcher.validated_trial(first, 0)
         except ConfigError as err:
             raise ConfigError(f"the study's first trial ({' '.join(first)}): {err}") from err
-        check_keys_are_plain_values(space.params, launcher._template.composed)
+        check_keys_are_plain_values(space.params, launcher.first_trial_composed)
         check_values(space, template)
         if not template.cluster.submit:
             raise ConfigError(

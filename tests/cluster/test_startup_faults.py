@@ -1,6 +1,7 @@
 """Start-up crashes on the real local cluster: a step that dies before its ranks formed their world, for a
-reason outside the job's config or code, is relaunched (counted, shown); a config error is not. The bound
-on relaunches is driven in tests/test_batch_shell.py."""
+reason outside the job's config or code, is relaunched, counted and shown (the check below, which
+test_fault_tolerance.py runs beside the requeue-cap job); a config error is not. The bound on relaunches is
+driven in tests/test_batch_shell.py."""
 
 import json
 import subprocess
@@ -21,8 +22,8 @@ def job_of(out) -> str:
 
 def start_up_crash_is_relaunched_counted_and_shown(out_dir):
     """Rank 3's first launch crashes before the world forms: relaunched inside the allocation, counted and shown
-    by `hpcml status`. Run beside the requeue-cap job (test_fault_tolerance.py), whose half of the cluster it
-    leaves alone."""
+    by `hpcml status`. Run beside the requeue-cap job (test_fault_tolerance.py): each job takes 2 of every
+    node's 4 CPUs, and nothing preempts either."""
     done = run(out_dir, "launch.wait=true", "train.steps=20", "fault.crash_at_start_launches=1", "fault.rank=3")
     assert done.returncode == 0, done.stdout + done.stderr
     job = job_of(out_dir)

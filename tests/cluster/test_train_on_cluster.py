@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster_jobs import together
 from helpers import PYTHON, ROOT, TRAIN, mpi_env, node_states, read_result, sacct_state
 
 # A real run of the default config (300 steps, 2 nodes x 2 ranks) reached 0.96; 0.93 leaves room for
@@ -59,7 +60,17 @@ def test_ranks_really_ran_on_both_nodes_and_accounting_saw_it(demo_run):
     assert list((out_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_one_failing_rank_ends_the_job_promptly_and_leaves_nodes_healthy(tmp_path_factory):
+def test_a_failing_rank_ends_its_job_promptly_while_the_example_project_trains_beside_it():
+    """Two jobs at once, each on 2 of every node's 4 CPUs: the two checks below."""
+    together(
+        one_failing_rank=one_failing_rank_ends_the_job_promptly_and_leaves_nodes_healthy,
+        example_project=the_example_project_trains_on_the_cluster_with_no_change_to_hpcml,
+    )
+
+
+def one_failing_rank_ends_the_job_promptly_and_leaves_nodes_healthy():
+    """Rank 3 raises at step 5: the job ends FAILED within the README's bound, with rank 3's traceback in its
+    log, and no node is left drained or down."""
     out_dir = ROOT / "outputs" / "test-runs" / f"fail-{time.time_ns()}"
     started = time.monotonic()
     done = submit_and_wait(out_dir, "train.steps=1000000", "fault.raise_at_step=5", "fault.rank=3")
@@ -76,7 +87,7 @@ def test_one_failing_rank_ends_the_job_promptly_and_leaves_nodes_healthy(tmp_pat
     assert all(not any(bad in s for bad in ("drain", "down", "fail")) for s in node_states().values()), node_states()
 
 
-def test_the_example_project_trains_on_the_cluster_with_no_change_to_hpcml():
+def the_example_project_trains_on_the_cluster_with_no_change_to_hpcml():
     """examples/own_model, as its README says to run it: its own package (a BatchNorm CNN, an augmenting
     Dataset) and config directory, from its own folder, with DataLoader workers, on 2 nodes x 2 ranks."""
     example = ROOT / "examples" / "own_model"

@@ -15,7 +15,7 @@ import optuna
 import yaml
 
 from hpcml.login.sweep import TRIAL_CONFIG
-from hpcml.login.tune.study import COMPLETE, StudyError, StudySpec, StudyTrial, load_optuna_study, load_trials
+from hpcml.login.tune.study import StudyError, StudySpec, StudyTrial, load_optuna_study, load_trials, ranked_trials
 
 REPORT_DIR = "report"
 BEST_CONFIG = "best.yaml"
@@ -33,14 +33,13 @@ def write_study_report(study_dir: Path) -> StudyReport:
     study_dir = Path(study_dir).resolve()
     spec = StudySpec.load(study_dir)
     trials = load_trials(study_dir)
-    done = [t for t in trials if t.outcome == COMPLETE and t.value is not None]
-    if not done:
+    ranked = ranked_trials(spec, trials)
+    if not ranked:
         raise StudyError(f"no trial of the study in {study_dir} has completed yet; see `hpcml status {study_dir}`.")
-    ranked = sorted(done, key=lambda t: t.value, reverse=spec.direction == "maximize")
     out = study_dir / REPORT_DIR
     out.mkdir(exist_ok=True)
     rows = [f"| {i} | {t.num} | `{' '.join(t.overrides)}` | {t.value:.6g} |" for i, t in enumerate(ranked, 1)]
-    others = [f"| - | {t.num} | `{' '.join(t.overrides)}` | {t.outcome} |" for t in trials if t not in done]
+    others = [f"| - | {t.num} | `{' '.join(t.overrides)}` | {t.outcome} |" for t in trials if t not in ranked]
     markdown = "\n".join(
         [f"| rank | trial | parameters | {spec.objective} ({spec.direction}) |", "|---|---|---|---|", *rows, *others]
     )

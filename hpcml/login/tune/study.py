@@ -124,11 +124,15 @@ class StudyTrial:
         return len(self.previous_job_ids)
 
 
+def ranked_trials(spec: StudySpec, trials: list[StudyTrial]) -> list[StudyTrial]:
+    """The completed trials, best value first in the study's direction (ties in trial order)."""
+    done = [t for t in trials if t.outcome == COMPLETE and t.value is not None]
+    return sorted(done, key=lambda t: t.value, reverse=spec.direction == "maximize")
+
+
 def best_trial(spec: StudySpec, trials: list[StudyTrial]) -> StudyTrial | None:
     """The completed trial with the best value in the study's direction; None before any completed."""
-    done = [t for t in trials if t.outcome == COMPLETE and t.value is not None]
-    pick = max if spec.direction == "maximize" else min
-    return pick(done, key=lambda t: t.value) if done else None
+    return next(iter(ranked_trials(spec, trials)), None)
 
 
 def load_trials(study_dir: Path) -> list[StudyTrial]:
