@@ -134,7 +134,7 @@ def old_sweeper_seconds(sweep_dir: Path, trials: int, parallel: int) -> float:
 
 
 def run(quick: bool, workdir: Path) -> BenchResult:
-    # Quick: one wave of trials per study, too few for the pruner to act (it proves the benchmark runs).
+    # Quick: one wave of short trials per study; it proves the benchmark runs, its figures are not judged.
     trials, steps, step_sleep_s, big = (3, 40, 0.02, 64) if quick else (16, 2500, 0.02, 1000)
     old_trials, old_parallel = 6, 3
     params = {"trials": trials, "steps": steps, "step_sleep_s": step_sleep_s, "large_study_trials": big}
