@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor
 from hpcml.bench import training
 from hpcml.bench.checkpoints import disk_write
 from hpcml.bench.record import BenchResult, Figure
+from hpcml.compute.checkpoint import list_checkpoints
 from hpcml.compute.preempt import PreemptionGuard
 from hpcml.compute.runtime import stop_coordinator
 from hpcml.compute.trainer import Trainer
@@ -112,12 +113,8 @@ def timed_async_stall(trainer: Trainer) -> float:
     return float(slowest)
 
 
-def newest_checkpoint(directory: Path) -> Path:
-    return max(directory.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-
-
 def checkpoint_bytes(directory: Path) -> int:
-    return sum(f.stat().st_size for f in newest_checkpoint(directory).rglob("*") if f.is_file())
+    return sum(f.stat().st_size for f in list_checkpoints(directory)[0].rglob("*") if f.is_file())
 
 
 def measure(v: Variant, ctx, budget_s: float, rounds: int, workdir: Path, kept: Path) -> dict:
@@ -146,7 +143,7 @@ def measure(v: Variant, ctx, budget_s: float, rounds: int, workdir: Path, kept: 
     if ctx.is_main:
         (workdir / "disk-baseline.bin").unlink(missing_ok=True)
         shutil.rmtree(kept, ignore_errors=True)
-        newest = newest_checkpoint(trainers["fsdp"].checkpoint_dir)
+        newest = list_checkpoints(trainers["fsdp"].checkpoint_dir)[0]
         shutil.copytree(newest, kept / newest.name)  # for the resharding resume (measure_reshard)
         for t in [*trainers.values(), asynchronous]:
             shutil.rmtree(t.checkpoint_dir, ignore_errors=True)
@@ -180,7 +177,7 @@ def measure_reshard(v: Variant, ctx, rounds: int, workdir: Path, kept: Path) -> 
     training.loop_step(same)()
     timed_save(same)
     if ctx.is_main:
-        saved = newest_checkpoint(kept)
+        saved = list_checkpoints(kept)[0]
         shutil.copytree(saved, resharded.checkpoint_dir / saved.name)
     dist.barrier()
     loads_s: dict[str, list[float]] = {"resharded": [], "same": []}
