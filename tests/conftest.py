@@ -7,6 +7,17 @@ import pytest
 from helpers import ROOT
 
 
+def pytest_collection_modifyitems(items):
+    """`make test` runs pytest-xdist with two workers and `--dist loadgroup`: the real-cluster tests go to one
+    worker, in file order, and everything else to the other. Two groups, not more: the cluster tests share one
+    cluster (some restart it with another site's policy) and must not overlap beyond what `together` runs, and
+    the local tests use both cores while the cluster's jobs mostly wait on Slurm's start-up and requeue
+    delays. Without `-n`, as `make test-fast` runs, the mark does nothing."""
+    for item in items:
+        group = "cluster" if "tests/cluster/" in str(item.fspath) else "local"
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture
 def out_dir() -> Path:
     """A fresh output directory under outputs/, which every node of the local cluster can see."""
