@@ -7,6 +7,8 @@ import pytest
 from helpers import ROOT
 
 
+# tryfirst: pytest-xdist reads the mark in a hook of its own, which runs before this file's hooks unless told.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
     """`make test` runs pytest-xdist with two workers and `--dist loadgroup`: the real-cluster tests go to one
     worker, in file order, and everything else to the other. Two groups, not more: the cluster tests share one
