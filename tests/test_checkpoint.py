@@ -233,3 +233,45 @@ def test_verify_and_load_returns_nothing_from_a_corrupt_checkpoint(tmp_path):
 def test_only_states_with_gpu_tensors_are_staged_by_a_synchronous_writer():
     assert not ckpt.holds_gpu_tensors({"model": {"w": torch.zeros(2)}, "opt": [torch.zeros(1), 3], "x": None})
     assert ckpt.holds_gpu_tensors({"a": [{"b": torch.zeros(1, device="meta")}]})
+
+
+def test_an_asynchronous_sharded_save_writes_the_state_of_its_step_not_what_training_did_next(process_group, tmp_path):
+    """The background thread writes the copy made at the step boundary: changing the weights right after
+    submit() changes nothing in that checkpoint, and the next save (refilling the same buffers) holds the new
+    weights. One rank (the layout and the copy are the same at any count: the tests in test_fsdp.py resume
+    4 ranks from asynchronous saves)."""
+    from hpcml.compute.checkpoint import sharded
+
+    model, fresh = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    writer = sharded.ShardedCheckpointWriter(tmp_path, keep_last=2, asynchronous=True, ctx=process_group)
+    header = {"samples_consumed": 0, "global_batch_size": 8, "world_size": 1}
+    saved = []
+    for step in (1, 2):
+        saved.append(model.weight.detach().clone())
+        state = sharded.sharded_state(model, optimizer)
+        writer.submit(sharded.ShardedSave(step, header, state, {}, ckpt.capture_rng_state()), wait=False)
+        with torch.no_grad():
+            model.weight.add_(1.0)  # training goes on while the save is written
+    writer.wait()
+    for step, weight in zip((1, 2), saved, strict=True):
+        path = tmp_path / f"step-{step}"
+        assert ckpt.verify_checkpoint(path)["layout"] == "sharded"
+        sharded.load_sharded_into(path, fresh, torch.optim.SGD(fresh.parameters(), lr=0.1))
+        assert torch.equal(fresh.weight, weight), step
+
+
+def test_a_failed_asynchronous_sharded_save_is_raised_on_the_training_thread(process_group, tmp_path):
+    from hpcml.compute.checkpoint import sharded
+    from hpcml.errors import HpcmlError
+
+    model = torch.nn.Linear(8, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    (tmp_path / "not-a-folder").write_text("")
+    writer = sharded.ShardedCheckpointWriter(tmp_path / "not-a-folder", 1, asynchronous=True, ctx=process_group)
+    header = {"samples_consumed": 0, "global_batch_size": 8, "world_size": 1}
+    state = sharded.sharded_state(model, optimizer)
+    writer.submit(sharded.ShardedSave(3, header, state, {}, ckpt.capture_rng_state()), wait=False)
+    with pytest.raises(HpcmlError, match="writing a sharded checkpoint to .*not-a-folder failed"):
+        writer.wait()
+    writer.wait()  # raised once: the next save starts clean

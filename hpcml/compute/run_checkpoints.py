@@ -123,12 +123,13 @@ class RunCheckpoints:
         """Save the state of `step` (a collective: every rank calls it at the same step boundary). With an
         asynchronous replicated writer, rank 0 hands the live state to its thread and returns; `wait` waits
         for the commit. Returns how long a save takes: this one's stall, or the last write if longer."""
+        if self.sharded:
+            # Each rank's RNG state goes to rank 0 with its shard's checksums, while committing.
+            return self._save_sharded(step, header, ckpt.capture_rng_state(), wait)
         rng_states = [ckpt.capture_rng_state()]
         if self.ctx.world_size > 1:
             rng_states = [None] * self.ctx.world_size
             dist.all_gather_object(rng_states, ckpt.capture_rng_state())
-        if self.sharded:
-            return self._save_sharded(step, header, rng_states, wait)
         if self.writer is None:
             return 0.0
         # An async writer copies the live state on its own thread, while the next step's forward and backward
@@ -141,11 +142,11 @@ class RunCheckpoints:
         self.last_committed = self.writer.last_committed
         return max(time.perf_counter() - started, self.writer.last_write_s or 0.0)
 
-    def _save_sharded(self, step: int, header: dict[str, Any], rng_states: list[dict[str, Any]], wait: bool) -> float:
+    def _save_sharded(self, step: int, header: dict[str, Any], rng_state: dict[str, Any], wait: bool) -> float:
         started = time.perf_counter()
         rest = self.replicated_state() if self.ctx.is_main else None
         shards = sharded.sharded_state(self.model, self.optimizer)
-        self.sharded_writer.submit(sharded.ShardedSave(step, header, shards, rest, rng_states), wait)
+        self.sharded_writer.submit(sharded.ShardedSave(step, header, shards, rest, rng_state), wait)
         self.last_committed = self.sharded_writer.last_committed
         return max(time.perf_counter() - started, self.sharded_writer.last_write_s or 0.0)
 

@@ -190,8 +190,10 @@ class Trainer:
             "global_batch_size": self.cfg.train.global_batch_size,
             "world_size": self.ctx.world_size,
         }
-        # The deadline check needs the whole cost of a save: stall plus (for async) the write.
-        self._save_estimate_s = broadcast_from_rank0(self.checkpoints.save(self.step, header, wait), self.ctx)
+        # The deadline check needs the whole cost of a save: stall plus (for async) the write. Rank 0's own
+        # figure: only its clock decides a deadline (preempt.StopCoordinator), and it waits for every rank's
+        # shard before committing. No collective here: an asynchronous save holds training for its copy alone.
+        self._save_estimate_s = self.checkpoints.save(self.step, header, wait)
         self._last_save_time = time.monotonic()
 
     def periodic_save_due(self) -> bool:
