@@ -51,6 +51,9 @@ class Variant:
     d_model: int
     n_layer: int
     per_rank_batch: int
+    # Timed for its saves alone (after one step, so that the optimizer state exists): a state big enough that
+    # the disk sets a save's pace, not DCP's and the commit's work per tensor and per file.
+    saves_only: bool = False
 
 
 def make_trainer(v: Variant, ctx, workdir: Path, grad_sync: str, async_save: bool = False) -> Trainer:
@@ -131,6 +134,8 @@ def measure(v: Variant, ctx, budget_s: float, rounds: int, workdir: Path, kept: 
     disk_s: list[float] = []
     stalls_s: list[float] = []
     size = 0
+    # An attempt's first asynchronous save also allocates the CPU buffers every later one refills: timed apart.
+    first_stall_s = timed_async_stall(asynchronous)
     for _ in range(rounds):
         for sync, step in steps.items():
             rounds_s[sync].append(mean_time(step, iters, warmup=1))
@@ -155,9 +160,33 @@ def measure(v: Variant, ctx, budget_s: float, rounds: int, workdir: Path, kept: 
         "saves_s": saves_s,
         "disk_write_s": disk_s,
         "async_stall_s": stalls_s,
+        "async_first_stall_s": first_stall_s,
         "sharded_checkpoint_bytes": size,
         "step_s": {sync: statistics.median(s) for sync, s in rounds_s.items()},
     }
+
+
+def measure_saves(v: Variant, ctx, rounds: int, workdir: Path) -> dict:
+    """Synchronous saves of one state, sharded (every rank its shard) and whole (rank 0, DDP), against the
+    disk writing as many bytes; the three alternate."""
+    trainers = {sync: make_trainer(v, ctx, workdir / "saves", sync) for sync in ("fsdp", "ddp")}
+    for trainer in trainers.values():
+        training.loop_step(trainer)()  # the optimizer state exists after the first step
+    saves_s: dict[str, list[float]] = {sync: [] for sync in trainers}
+    disk_s: list[float] = []
+    size = 0
+    for _ in range(rounds):
+        for sync, trainer in trainers.items():
+            saves_s[sync].append(timed_save(trainer))
+        if ctx.is_main:
+            size = checkpoint_bytes(trainers["fsdp"].checkpoint_dir)
+            disk_s.append(disk_write(workdir / "disk-baseline.bin", np.ones(size, dtype=np.uint8)))
+    dist.barrier()
+    if ctx.is_main:
+        (workdir / "disk-baseline.bin").unlink(missing_ok=True)
+        shutil.rmtree(workdir / "saves", ignore_errors=True)
+    return {**asdict(v), "ranks": ctx.world_size, "saves_s": saves_s, "disk_write_s": disk_s,
+            "sharded_checkpoint_bytes": size}  # fmt: skip
 
 
 def timed_resume(trainer: Trainer) -> float:
@@ -195,11 +224,12 @@ def measure_reshard(v: Variant, ctx, rounds: int, workdir: Path, kept: Path) -> 
 
 def measure_all(variants: list[Variant], ctx, budget_s: float, rounds: int, workdir: Path) -> list[dict]:
     # One worker module, two runs: the RANKS-rank run leaves its checkpoint for the RESHARD_RANKS-rank one.
-    (v,) = variants  # one checkpoint is kept between the runs
+    (v,) = [v for v in variants if not v.saves_only]  # one checkpoint is kept between the runs
     kept = workdir.parent / SAVED_AT_RANKS
     if ctx.world_size == RESHARD_RANKS:
         return [measure_reshard(v, ctx, rounds, workdir, kept)]
-    return [measure(v, ctx, budget_s, rounds, workdir, kept)]
+    rows = [measure(v, ctx, budget_s, rounds, workdir, kept)]
+    return rows + [measure_saves(s, ctx, rounds, workdir) for s in variants if s.saves_only]
 
 
 def figures_for(rows: list[dict]) -> list[Figure]:
@@ -213,6 +243,9 @@ def figures_for(rows: list[dict]) -> list[Figure]:
                                    higher_is_better=False)
             )  # fmt: skip
             continue
+        if r["saves_only"]:
+            figures.extend(save_figures(r))
+            continue
         memory = {sync: sum(parts.values()) for sync, parts in r["memory_bytes"].items()}
         figures.append(
             Figure.from_rounds("sharding", f"{r['name']}: parameters + gradients + optimizer state per rank, "
@@ -225,33 +258,52 @@ def figures_for(rows: list[dict]) -> list[Figure]:
                                [tokens / s for s in r["rounds_s"]["fsdp"]], "DDP, same model and ranks",
                                [tokens / s for s in r["rounds_s"]["ddp"]], higher_is_better=True)
         )  # fmt: skip
-        figures.append(
-            Figure.from_rounds("sharding", f"{r['name']}: sharded save ({r['ranks']} ranks write their shards)",
-                               "s", r["saves_s"]["fsdp"], "rank 0 writes the whole state (DDP)", r["saves_s"]["ddp"],
-                               higher_is_better=False)
-        )  # fmt: skip
-        if r["disk_write_s"]:
-            figures.append(
-                Figure.from_rounds("sharding", f"{r['name']}: sharded save against the disk, same bytes", "s",
-                                   r["saves_s"]["fsdp"], "one write + fsync of as many bytes", r["disk_write_s"],
-                                   higher_is_better=False, target=DISK_TARGET)
-            )  # fmt: skip
+        figures.extend(save_figures(r))
         figures.append(
             Figure.from_rounds("sharding", f"{r['name']}: training blocked by an asynchronous sharded save", "s",
                                r["async_stall_s"], "synchronous sharded save", r["saves_s"]["fsdp"],
                                higher_is_better=False, target=1 / ASYNC_STALL_TARGET)
+        )  # fmt: skip
+        figures.append(
+            Figure.from_rounds("sharding", f"{r['name']}: training blocked by an attempt's first asynchronous "
+                               "sharded save (it allocates the staging buffers)", "s", [r["async_first_stall_s"]],
+                               "synchronous sharded save (median)", [statistics.median(r["saves_s"]["fsdp"])],
+                               higher_is_better=False)
+        )  # fmt: skip
+    return figures
+
+
+def save_figures(r: dict) -> list[Figure]:
+    """A sharded save against rank 0 writing the whole state, and against the disk writing as many bytes."""
+    size = f"{r['sharded_checkpoint_bytes'] / 1e6:.0f} MB checkpoint"
+    figures = [
+        Figure.from_rounds("sharding", f"{r['name']}: sharded save ({r['ranks']} ranks write their shards, {size})",
+                           "s", r["saves_s"]["fsdp"], "rank 0 writes the whole state (DDP)", r["saves_s"]["ddp"],
+                           higher_is_better=False)
+    ]  # fmt: skip
+    if r["disk_write_s"]:
+        figures.append(
+            Figure.from_rounds("sharding", f"{r['name']}: sharded save against the disk, same bytes ({size})", "s",
+                               r["saves_s"]["fsdp"], "one write + fsync of as many bytes", r["disk_write_s"],
+                               higher_is_better=False, target=DISK_TARGET)
         )  # fmt: skip
     return figures
 
 
 VARIANTS = [Variant("byte LM, 4 layers x 256 wide", block_size=64, d_model=256, n_layer=4, per_rank_batch=8)]
 QUICK_VARIANTS = [Variant("byte LM, 2 layers x 128 wide", block_size=32, d_model=128, n_layer=2, per_rank_batch=4)]
+# The saves of a state where bytes, not tensors, dominate: as many tensors as above (52 parameters, each with
+# AdamW's two moments), 9x the bytes (343 MB against 39 MB).
+SAVE_VARIANTS = [Variant("byte LM, 4 layers x 768 wide", block_size=64, d_model=768, n_layer=4, per_rank_batch=2,
+                         saves_only=True)]  # fmt: skip
+QUICK_SAVE_VARIANTS = [Variant("byte LM, 1 layer x 256 wide", block_size=32, d_model=256, n_layer=1, per_rank_batch=2,
+                               saves_only=True)]  # fmt: skip
 
 
 def run(quick: bool, workdir: Path) -> BenchResult:
     budget_s, rounds = (0.2, 1) if quick else (1.0, 3)
     result = BenchResult("sharding", quick, {"budget_s": budget_s, "rounds": rounds, "cpu_cores": os.cpu_count()})
-    variants = QUICK_VARIANTS if quick else VARIANTS
+    variants = QUICK_VARIANTS + QUICK_SAVE_VARIANTS if quick else VARIANTS + SAVE_VARIANTS
     try:
         for ranks in (RANKS, RESHARD_RANKS):  # in this order: the second resumes from the first one's checkpoint
             result.measurements.extend(training.measure_on_ranks(__name__, ranks, variants, budget_s, rounds, workdir))
