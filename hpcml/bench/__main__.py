@@ -30,6 +30,8 @@ BENCHMARKS = {
     "tuning": "hpcml.bench.tuning",
     "gpu": "hpcml.bench.gpu",  # skipped without a CUDA device
 }
+# The ones that submit to a Slurm cluster (`make cluster-up`); the rest run on this machine alone.
+NEEDS_CLUSTER = ("submission", "tuning")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,10 +13,6 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "tests/cluster/" in str(item.fspath):
             item.add_marker(pytest.mark.cluster)
-    # The quick benchmarks last: they keep every core busy (the other cluster tests mostly wait on Slurm), so
-    # under `make test` they run best once the local tests beside them are done. A stable sort: the rest keep
-    # their order.
-    items.sort(key=lambda item: item.fspath.basename == "test_bench_quick.py")
 
 
 @pytest.fixture(scope="session", autouse=True)
