@@ -235,24 +235,38 @@ def test_only_states_with_gpu_tensors_are_staged_by_a_synchronous_writer():
     assert ckpt.holds_gpu_tensors({"a": [{"b": torch.zeros(1, device="meta")}]})
 
 
-def test_an_asynchronous_sharded_save_writes_the_state_of_its_step_not_what_training_did_next(process_group, tmp_path):
-    """The background thread writes the copy made at the step boundary: changing the weights right after
-    submit() changes nothing in that checkpoint, and the next save (refilling the same buffers) holds the new
-    weights. One rank (the layout and the copy are the same at any count: the tests in test_fsdp.py resume
-    4 ranks from asynchronous saves)."""
+def test_an_asynchronous_sharded_save_writes_the_state_of_its_step_not_what_training_did_next(
+    process_group, tmp_path, monkeypatch
+):
+    """The background thread writes the copy made at the step boundary: the weights are changed after submit()
+    returns and before DCP writes (its save waits for that), and the checkpoint holds the step's weights; the
+    next save, refilling the same buffers, holds the new ones. One rank (the layout and the copy are the same
+    at any count: the tests in test_fsdp.py resume 4 ranks from asynchronous saves)."""
+    import threading
+
     from hpcml.compute.checkpoint import sharded
 
+    trained_on = threading.Event()
+    dcp_save = sharded.dcp.save
+
+    def save_once_training_went_on(*args, **kwargs):
+        assert trained_on.wait(30)
+        return dcp_save(*args, **kwargs)
+
+    monkeypatch.setattr(sharded.dcp, "save", save_once_training_went_on)
     model, fresh = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     writer = sharded.ShardedCheckpointWriter(tmp_path, keep_last=2, asynchronous=True, ctx=process_group)
     header = {"samples_consumed": 0, "global_batch_size": 8, "world_size": 1}
     saved = []
     for step in (1, 2):
+        trained_on.clear()
         saved.append(model.weight.detach().clone())
         state = sharded.sharded_state(model, optimizer)
         writer.submit(sharded.ShardedSave(step, header, state, {}, ckpt.capture_rng_state()), wait=False)
         with torch.no_grad():
             model.weight.add_(1.0)  # training goes on while the save is written
+        trained_on.set()
     writer.wait()
     for step, weight in zip((1, 2), saved, strict=True):
         path = tmp_path / f"step-{step}"
@@ -261,17 +275,72 @@ def test_an_asynchronous_sharded_save_writes_the_state_of_its_step_not_what_trai
         assert torch.equal(fresh.weight, weight), step
 
 
-def test_a_failed_asynchronous_sharded_save_is_raised_on_the_training_thread(process_group, tmp_path):
+def test_shard_staging_refills_its_buffers_and_gives_a_scalar_dtensor_one_of_its_own(process_group):
+    """Each copy holds the live values of its moment, in the same buffers as the copy before. torch's
+    allocator hands back a 0-dim DTensor itself rather than a buffer; the staging gives it one."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate
+
+    from hpcml.compute.checkpoint.sharded import ShardStaging
+
+    mesh = init_device_mesh("cpu", (1,))
+    live = {
+        "w": torch.zeros(4, 4),
+        "scale": DTensor.from_local(torch.tensor(1.0), mesh, [Replicate()]),
+        "groups": [{"lr": 0.1, "step": torch.tensor(3.0)}],
+    }
+    staging = ShardStaging()
+    first = staging.copy(live)
+    pointers = (first["w"].data_ptr(), first["scale"].to_local().data_ptr(), first["groups"][0]["step"].data_ptr())
+    live["w"].add_(2.0)
+    live["scale"].to_local().add_(5.0)
+    live["groups"][0]["step"].add_(1.0)
+    assert float(first["scale"].to_local()) == 1.0  # not the live scalar
+    second = staging.copy(live)
+    assert pointers == (
+        second["w"].data_ptr(),
+        second["scale"].to_local().data_ptr(),
+        second["groups"][0]["step"].data_ptr(),
+    )
+    assert torch.equal(second["w"], torch.full((4, 4), 2.0)) and float(second["scale"].to_local()) == 6.0
+    assert float(second["groups"][0]["step"]) == 4.0 and second["groups"][0]["lr"] == 0.1
+    live["w"] = torch.zeros(2, 2)  # another layout: new buffers
+    assert staging.copy(live)["w"].shape == (2, 2)
+
+
+def test_a_failed_asynchronous_sharded_save_is_raised_on_the_training_thread_once(process_group, tmp_path, monkeypatch):
+    """A write that fails on the background thread (a full disk) is raised by the next wait(), once, naming
+    the folder; it commits nothing, and the next save is written as if nothing had happened. A folder that
+    cannot be made fails submit() itself, on the training thread."""
     from hpcml.compute.checkpoint import sharded
     from hpcml.errors import HpcmlError
 
     model = torch.nn.Linear(8, 4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    (tmp_path / "not-a-folder").write_text("")
-    writer = sharded.ShardedCheckpointWriter(tmp_path / "not-a-folder", 1, asynchronous=True, ctx=process_group)
     header = {"samples_consumed": 0, "global_batch_size": 8, "world_size": 1}
-    state = sharded.sharded_state(model, optimizer)
-    writer.submit(sharded.ShardedSave(3, header, state, {}, ckpt.capture_rng_state()), wait=False)
-    with pytest.raises(HpcmlError, match="writing a sharded checkpoint to .*not-a-folder failed"):
+
+    def submit(writer, step: int) -> None:
+        state = sharded.sharded_state(model, optimizer)
+        writer.submit(sharded.ShardedSave(step, header, state, {}, ckpt.capture_rng_state()), wait=False)
+
+    dcp_save, calls = sharded.dcp.save, []
+
+    def full_disk_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return dcp_save(*args, **kwargs)
+
+    monkeypatch.setattr(sharded.dcp, "save", full_disk_once)
+    writer = sharded.ShardedCheckpointWriter(tmp_path / "checkpoints", 1, asynchronous=True, ctx=process_group)
+    submit(writer, 3)
+    with pytest.raises(HpcmlError, match="writing a sharded checkpoint to .*checkpoints failed: .*No space left"):
         writer.wait()
-    writer.wait()  # raised once: the next save starts clean
+    writer.wait()  # raised once
+    submit(writer, 4)
+    writer.wait()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step-4"]
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(OSError):
+        submit(sharded.ShardedCheckpointWriter(tmp_path / "a-file", 1, asynchronous=True, ctx=process_group), 5)

@@ -155,7 +155,8 @@ class RunCheckpoints:
             hook(partial)
 
     def prepare(self) -> None:
-        """At start-up: the replicated writer allocates its staging buffers (sharded saves stage nothing)."""
+        """At start-up: the replicated writer allocates its staging buffers (an asynchronous sharded writer
+        allocates its own at its first save: the optimizer state it copies may not exist before a step)."""
         if self.writer is not None:
             self.writer.prepare(self.replicated_state())
 

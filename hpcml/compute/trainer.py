@@ -200,7 +200,11 @@ class Trainer:
         """Whether checkpoint.every_steps or checkpoint.every_minutes asks for a save at this step."""
         c = self.cfg.checkpoint
         by_steps = c.every_steps > 0 and self.step % c.every_steps == 0
-        by_time = c.every_minutes > 0 and time.monotonic() - self._last_save_time >= 60 * c.every_minutes
+        # Rank 0's clock alone, as for deadlines (the ranks' wishes are OR-ed): the others may return from a
+        # save before rank 0 has written it, and would count the minutes from then.
+        by_time = (
+            self.ctx.is_main and c.every_minutes > 0 and time.monotonic() - self._last_save_time >= 60 * c.every_minutes
+        )
         return by_steps or by_time
 
     # ------------------------------------------------------------ the loop

@@ -11,6 +11,7 @@ the same files load whether the parameters are sharded DTensors or whole tensors
 
 from __future__ import annotations
 
+import copy
 import datetime
 import logging
 import shutil
@@ -26,8 +27,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-# torch's own staging helpers: what its BlockingAsyncStager (dcp.async_save's default) allocates and copies with.
-from torch.distributed._state_dict_utils import CompanionMismatch, _copy_state_dict, _create_cpu_state_dict
+# torch's own staging helpers: what DCP's FileSystemWriter (a BlockingAsyncStager) stages with in dcp.async_save.
+from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint import DefaultSavePlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -36,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
     set_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from hpcml.compute.checkpoint.layout import (
     SHARDED,
@@ -62,7 +64,7 @@ SHARDED_STATE = ("model", "optimizer")
 
 def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The model's and optimizer's state, keyed by parameter name: this rank's shards under FSDP, whole
-    tensors otherwise (a collective under FSDP: every rank calls it)."""
+    tensors otherwise (every rank calls it, at the same step boundary)."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
     return {"model": model_state, "optimizer": optimizer_state}
 
@@ -94,19 +96,56 @@ class ShardStaging:
     every save after it, as StagingArea does for the rest (a buffer is never refilled while a write still
     reads it: the writer waits for the previous save first). DCP's default staging allocates afresh each time,
     deep-copying every DTensor: 0.18-0.23 s per save of a 40 MB state on 4 ranks here, against 4-9 ms to
-    refill the buffers (measured). Pinned memory where a GPU is, for its copies to the host."""
+    refill the buffers (measured). `pin`: page-locked buffers, for copies from a GPU."""
 
-    def __init__(self) -> None:
+    def __init__(self, pin: bool = False) -> None:
+        self.pin = pin
         self._buffers: dict[str, Any] | None = None
 
     def copy(self, shards: dict[str, Any]) -> dict[str, Any]:
-        if self._buffers is not None:
-            try:
-                return _copy_state_dict(shards, self._buffers, type_check=False)
-            except (CompanionMismatch, RuntimeError):
-                pass  # the state's structure or shapes changed since the buffers were made: make them anew
-        self._buffers = _create_cpu_state_dict(shards, pin_memory=torch.cuda.is_available())
-        return _copy_state_dict(shards, self._buffers, type_check=False)
+        """A copy of `shards` in this area's buffers (made anew when the state's layout changed)."""
+        if self._buffers is None or not _same_layout(shards, self._buffers):
+            self._buffers = _own_buffers(_create_cpu_state_dict(shards, pin_memory=self.pin), shards)
+        # A blocking copy (non_blocking=False): from a GPU too, the buffers hold this step's state on return.
+        return _copy_state_dict(shards, self._buffers, non_blocking=False, type_check=False)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _same_layout(live: Any, staged: Any) -> bool:
+    """Whether `staged` has `live`'s structure, and tensors of its local shapes and dtypes."""
+    if isinstance(live, torch.Tensor):
+        if not isinstance(staged, torch.Tensor):
+            return False
+        mine, theirs = _local(live), _local(staged)
+        return mine.shape == theirs.shape and mine.dtype == theirs.dtype
+    if isinstance(live, dict):
+        return (
+            isinstance(staged, dict)
+            and live.keys() == staged.keys()
+            and all(_same_layout(v, staged[k]) for k, v in live.items())
+        )
+    if isinstance(live, (list, tuple)):
+        return (
+            isinstance(staged, (list, tuple))
+            and len(live) == len(staged)
+            and all(_same_layout(a, b) for a, b in zip(live, staged, strict=True))
+        )
+    return True
+
+
+def _own_buffers(staged: Any, live: Any) -> Any:
+    """`staged` with a copy of its own wherever _create_cpu_state_dict handed back the live tensor itself (it
+    does for a 0-dim DTensor): a buffer shared with training would be saved with a later step's value."""
+    if isinstance(staged, torch.Tensor):
+        return copy.deepcopy(live.detach()) if staged is live else staged
+    if isinstance(staged, dict):
+        return {k: _own_buffers(v, live[k]) for k, v in staged.items()}
+    if isinstance(staged, (list, tuple)):
+        return type(staged)(_own_buffers(a, b) for a, b in zip(staged, live, strict=True))
+    return staged
 
 
 class ShardedCheckpointWriter:
@@ -137,7 +176,7 @@ class ShardedCheckpointWriter:
         self._executor = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpcml-sharded-checkpoint") if asynchronous else None
         )
-        self._shard_staging, self._rest_staging = ShardStaging(), StagingArea()
+        self._shard_staging, self._rest_staging = ShardStaging(pin=ctx.device.type == "cuda"), StagingArea()
         self._pending: Future | None = None
         self.last_committed: Path | None = None
         self.last_write_s: float | None = None
@@ -147,6 +186,11 @@ class ShardedCheckpointWriter:
         background thread; `wait` returns only when it is committed."""
         self.wait()  # the previous save is committed (or has failed) before the next starts
         started = time.perf_counter()
+        partial = partial_dir(self.directory, save.step)
+        if self.ctx.is_main:  # here, not on the thread: a folder that cannot be made fails this save, at once
+            self.directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
+            (partial / SHARDS_DIR).mkdir(parents=True)
         if not self.asynchronous:
             self._write(save, started)
             return
@@ -158,12 +202,8 @@ class ShardedCheckpointWriter:
             self.wait()
 
     def _write(self, save: ShardedSave, started: float) -> None:
-        """Every rank: DCP writes its shard into the step's partial folder, then the commit."""
+        """Every rank: DCP writes its shard into the step's partial folder (rank 0 has made it), then the commit."""
         partial = partial_dir(self.directory, save.step)
-        if self.ctx.is_main:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(partial, ignore_errors=True)
-            (partial / SHARDS_DIR).mkdir(parents=True)
         self._barrier()  # the folder exists, empty, before any rank writes into it
         # sync_files: DCP fsyncs each file it writes, so a shard is durable before its checksum is sent. A tensor
         # every rank holds whole (a BatchNorm buffer) is saved once, from rank 0, whose copy the run treats as
@@ -212,12 +252,13 @@ class ShardedCheckpointWriter:
             dist.barrier(group=self.group)
 
     def wait(self) -> None:
+        """Until the save in flight, if any, is committed; raises (once) what made it fail."""
         if self._pending is None:
             return
-        pending, self._pending = self._pending, None
-        try:
-            pending.result()
-        except BaseException as err:
+        # An interrupt while waiting propagates as it is, and the save stays in flight: its buffers busy.
+        err = self._pending.exception()
+        self._pending = None
+        if err is not None:
             raise HpcmlError(f"writing a sharded checkpoint to {self.directory} failed: {err}") from err
 
 
