@@ -100,4 +100,7 @@ def cluster_is_up() -> bool:
         return False
     done = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
     states = done.stdout.split()
-    return done.returncode == 0 and any(s.startswith(("idle", "mix")) for s in states)
+    # Busy nodes count: right after a benchmark cancels its jobs they are "completing" for a few seconds (the
+    # tuning benchmark once found them so, after the submission one, and was refused).
+    usable = ("idle", "mix", "alloc", "completing", "planned")
+    return done.returncode == 0 and any(s.startswith(usable) for s in states)
