@@ -120,6 +120,12 @@ def checkpoint_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in list_checkpoints(directory)[0].rglob("*") if f.is_file())
 
 
+def disk_for_newest_checkpoint(directory: Path, workdir: Path) -> tuple[int, float]:
+    """The newest checkpoint's size in `directory`, and the disk's time to write and fsync as many bytes."""
+    size = checkpoint_bytes(directory)
+    return size, disk_write(workdir / "disk-baseline.bin", np.ones(size, dtype=np.uint8))
+
+
 def measure(v: Variant, ctx, budget_s: float, rounds: int, workdir: Path, kept: Path) -> dict:
     trainers = {sync: make_trainer(v, ctx, workdir, sync) for sync in ("fsdp", "ddp")}
     asynchronous = make_trainer(v, ctx, workdir, "fsdp", async_save=True)
@@ -142,8 +148,8 @@ def measure(v: Variant, ctx, budget_s: float, rounds: int, workdir: Path, kept: 
             saves_s[sync].append(timed_save(trainers[sync]))
         stalls_s.append(timed_async_stall(asynchronous))
         if ctx.is_main:  # the disk's own speed for as many bytes as the sharded checkpoint holds
-            size = checkpoint_bytes(trainers["fsdp"].checkpoint_dir)
-            disk_s.append(disk_write(workdir / "disk-baseline.bin", np.ones(size, dtype=np.uint8)))
+            size, disk = disk_for_newest_checkpoint(trainers["fsdp"].checkpoint_dir, workdir)
+            disk_s.append(disk)
     dist.barrier()  # every rank's last save is done before rank 0 clears the folders
     if ctx.is_main:
         (workdir / "disk-baseline.bin").unlink(missing_ok=True)
@@ -179,8 +185,8 @@ def measure_saves(v: Variant, ctx, rounds: int, workdir: Path) -> dict:
         for sync, trainer in trainers.items():
             saves_s[sync].append(timed_save(trainer))
         if ctx.is_main:
-            size = checkpoint_bytes(trainers["fsdp"].checkpoint_dir)
-            disk_s.append(disk_write(workdir / "disk-baseline.bin", np.ones(size, dtype=np.uint8)))
+            size, disk = disk_for_newest_checkpoint(trainers["fsdp"].checkpoint_dir, workdir)
+            disk_s.append(disk)
     dist.barrier()
     if ctx.is_main:
         (workdir / "disk-baseline.bin").unlink(missing_ok=True)
