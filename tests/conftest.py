@@ -10,7 +10,7 @@ from helpers import ROOT
 # tryfirst: pytest-xdist reads the mark in a hook of its own, which runs before this file's hooks unless told.
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
-    """`make test` runs pytest-xdist with two workers and `--dist loadgroup`: the real-cluster tests go to one
+    """With pytest-xdist's `-n 2 --dist loadgroup` (README, Dependencies) the real-cluster tests go to one
     worker, in file order, and everything else to the other. Two groups, not more: the cluster tests share one
     cluster (some restart it with another site's policy) and must not overlap beyond what `together` runs, and
     the local tests use both cores while the cluster's jobs mostly wait on Slurm's start-up and requeue
