@@ -246,11 +246,14 @@ def test_an_asynchronous_sharded_save_writes_the_state_of_its_step_not_what_trai
 
     from hpcml.compute.checkpoint import sharded
 
-    trained_on = threading.Event()
+    # One event per save: a shared one cleared for the next step could be cleared before the previous
+    # save's thread had looked at it.
+    trained_on = {1: threading.Event(), 2: threading.Event()}
+    waiting_saves = iter(trained_on.values())
     dcp_save = sharded.dcp.save
 
     def save_once_training_went_on(*args, **kwargs):
-        assert trained_on.wait(30)
+        assert next(waiting_saves).wait(30)
         return dcp_save(*args, **kwargs)
 
     monkeypatch.setattr(sharded.dcp, "save", save_once_training_went_on)
@@ -260,13 +263,12 @@ def test_an_asynchronous_sharded_save_writes_the_state_of_its_step_not_what_trai
     header = {"samples_consumed": 0, "global_batch_size": 8, "world_size": 1}
     saved = []
     for step in (1, 2):
-        trained_on.clear()
         saved.append(model.weight.detach().clone())
         state = sharded.sharded_state(model, optimizer)
         writer.submit(sharded.ShardedSave(step, header, state, {}, ckpt.capture_rng_state()), wait=False)
         with torch.no_grad():
             model.weight.add_(1.0)  # training goes on while the save is written
-        trained_on.set()
+        trained_on[step].set()
     writer.wait()
     for step, weight in zip((1, 2), saved, strict=True):
         path = tmp_path / f"step-{step}"
