@@ -44,7 +44,7 @@ demo-lm: cluster-up  ## the byte-level transformer LM on 2 nodes x 2 ranks: vali
 	$(PY) jobs/train.py +experiment=lm cluster=local launch.wait=true launch.poll_s=2 $(ARGS)
 
 test: deps install cluster-up  ## every test, the real-cluster ones included
-	$(PY) -m pytest --durations=30 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=30 $(PYTEST_ARGS)
 
 test-fast: deps install  ## unit and local-MPI tests; skips the slow real-cluster tests
 	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)

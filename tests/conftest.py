@@ -1,5 +1,6 @@
 """Shared fixtures."""
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -18,6 +19,23 @@ def pytest_collection_modifyitems(items):
     for item in items:
         group = "cluster" if "tests/cluster/" in str(item.fspath) else "local"
         item.add_marker(pytest.mark.xdist_group(group))
+
+
+# Niceness of the local tests' worker under pytest-xdist: the cluster's daemons and jobs (started by
+# `make cluster-up`, so at niceness 0) and the cluster tests' worker come first, and the local tests fill the
+# time they leave. Measured at equal priority on 2 cores: slurmd missed its RPCs ("Socket timed out"), a
+# signal reached a job's next attempt, and the cluster tests, the suite's critical path, ran up to twice as long.
+LOCAL_TESTS_NICENESS = 10
+
+
+def pytest_runtest_setup(item):
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    wanted = 0 if "tests/cluster/" in str(item.fspath) else LOCAL_TESTS_NICENESS
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, wanted)  # the tests' subprocesses inherit it
+    except PermissionError:
+        pass  # not root: niceness cannot go back down; a worker's tests then all run at the one it has
 
 
 @pytest.fixture

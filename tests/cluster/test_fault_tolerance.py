@@ -111,10 +111,13 @@ def test_every_kind_of_interrupt_in_one_sharded_run_of_user_code_at_a_strict_sit
     assert statistics and all(torch.equal(got[name], expected[name]) for name in statistics)
     assert result["resumed_from_step"] is not None and set(result["metrics"]) == {"val_mse"}
     history = attempts(job)
-    assert history[-1] == "COMPLETED" and len(history) == len(kinds) + 1, history  # one restart per interrupt
     log = rank0_log(out, job)
-    assert log.count("(signal): saving a checkpoint") == len(kinds), log[-3000:]
-    assert_nothing_lost(log, STEPS, attempts=len(kinds) + 1)
+    # A restart per interrupt, and one more for each signal Slurm delivered twice: on a starved machine slurmd
+    # timed out on a TERM, and the resent one reached the job's next attempt (seen once, beside other tests).
+    # Every attempt but the last stopped on a signal, at a saved checkpoint, and the next resumed there.
+    assert history[-1] == "COMPLETED" and len(history) >= len(kinds) + 1, history
+    assert log.count("(signal): saving a checkpoint") == len(history) - 1, log[-3000:]
+    assert_nothing_lost(log, STEPS, attempts=len(history))
 
 
 def wait_for_idle_cluster(timeout: float = 120) -> None:
@@ -187,13 +190,20 @@ def lose_a_node(out, lost: str, kept: str) -> None:
     result = read_result(out)
     assert (result["world_size"], result["num_nodes"]) == (2, 1) and result["resumed_from_step"] >= 30
     record = json.loads((out / "slurm_job.json").read_text())
-    assert record["lost_nodes"] == [lost] and record["nodes"] == kept and record["attempt_nodes"] == [2, 1]
     history = attempts(job)
-    assert history[-1] == "COMPLETED" and len(history) == 2, history
     log = rank0_log(out, job)
+    # One restart, the migration; any more were stops on a signal Slurm delivered twice to a starved node
+    # (see the every-kind test), each at a saved checkpoint, on the one node left.
+    extra = len(history) - 2
+    assert history[-1] == "COMPLETED" and extra >= 0, history
+    assert log.count("stopped (signal) at a saved checkpoint") == extra, log[-3000:]
+    assert record["lost_nodes"] == [lost] and record["nodes"] == kept
+    assert record["attempt_nodes"] == [2, 1] + [1] * extra, record
     # srun reports ranks killed together on one line ("n2: tasks 2-3: Killed") and ranks whose deaths it saw
-    # apart on one each ("n2: task 2: Killed"), as it did on a loaded machine.
-    killed = set(re.findall(rf"srun: error: {lost}: tasks? ([0-9-]+): Killed", log))
+    # apart on one each ("n2: task 2: Killed"), as it did on a loaded machine. Only the step that lost the node
+    # counts: a rank that crashed at start-up has srun kill the others in a step the batch shell relaunches.
+    lost_step = log[: log.index(f"lost the ranks on {lost}")].rsplit("(start-up retry", 1)[-1]
+    killed = set(re.findall(rf"srun: error: {lost}: tasks? ([0-9-]+): Killed", lost_step))
     expected = ({"0-1"}, {"0", "1"}) if lost == "n1" else ({"2-3"}, {"2", "3"})
     assert killed in expected, killed
     assert f"lost the ranks on {lost}" in log
@@ -202,7 +212,8 @@ def lose_a_node(out, lost: str, kept: str) -> None:
         [PYTHON, "-m", "hpcml.login.cli", "status", str(out)], cwd=ROOT, capture_output=True, text=True
     )
     header, row = status.stdout.splitlines()[:2]
-    assert row[header.index("nodes") :].split()[:2] == ["2,1", lost], status.stdout
+    shown = ",".join(map(str, record["attempt_nodes"]))
+    assert row[header.index("nodes") :].split()[:2] == [shown, lost], status.stdout
 
 
 def test_time_limits_are_met_by_the_deadline_alone_on_srun_and_by_the_trapped_signal_on_mpirun(reference_sha):
