@@ -210,7 +210,10 @@ class ShardedCheckpointWriter:
         # the true one; DCP's default would take it from whichever rank had written least so far.
         writer = dcp.FileSystemWriter(partial / SHARDS_DIR, sync_files=True)
         planner = DefaultSavePlanner(dedup_save_to_lowest_rank=True)
-        dcp.save(save.shards, storage_writer=writer, planner=planner, process_group=self.group)
+        # DCP writes every tensor with torch.save, whose CRC-32s the manifest's checksum of each shard file
+        # makes redundant (as for the replicated writer).
+        with without_zip_crc32():
+            dcp.save(save.shards, storage_writer=writer, planner=planner, process_group=self.group)
         self._commit(partial, save, started)
 
     def _commit(self, partial: Path, save: ShardedSave, started: float) -> None:
