@@ -10,7 +10,7 @@ import torch
 from user_code import Waves
 
 from hpcml.compute.data import GlobalBatchStream
-from hpcml.compute.loader import BatchSource
+from hpcml.compute.loader import BatchSource, SeededSamples, sample_seed
 from hpcml.config import LoaderConfig
 
 CPU = torch.device("cpu")
@@ -49,6 +49,32 @@ def test_augmented_samples_are_the_same_at_any_world_size_and_worker_count(world
     reference = batches(data, 1, 0)
     assert not torch.equal(reference[0]["signal"], batches(Waves(size=200), 1, 0)[0]["signal"])  # it does augment
     assert_same(batches(data, world_size, workers), reference)
+
+
+class DrawsFromEveryStream:
+    """A sample of draws from torch's, numpy's and `random`'s global streams; `random.gauss` draws two normals
+    at a time and keeps the second for its next call, which seeding must drop."""
+
+    def __len__(self):
+        return 100
+
+    def __getitem__(self, index):
+        return torch.rand(2).tolist(), np.random.rand(2).tolist(), random.random(), random.gauss(0, 1)
+
+
+def test_each_sample_is_read_under_streams_seeded_from_seed_step_and_index_alone():
+    """Whatever was read before it: the sample equals a read right after seeding each stream with
+    sample_seed(seed, step, index) through the libraries' own seed functions."""
+    seeded = SeededSamples(DrawsFromEveryStream(), seed=5)
+    keys = [(3, 17), (3, 40), (9, 17), (0, 0)]
+    first = {key: seeded[key] for key in keys}
+    for key in reversed(keys):  # other steps and other samples in between; each leaves a gauss cached
+        value = sample_seed(5, *key)
+        torch.manual_seed(value)
+        np.random.seed(value % 2**32)
+        random.seed(value)
+        by_the_definition = DrawsFromEveryStream()[key[1]]
+        assert seeded[key] == first[key] == by_the_definition, key
 
 
 @pytest.mark.parametrize("world_size, workers", [(2, 0), (2, 2)])
