@@ -23,8 +23,9 @@ def pytest_collection_modifyitems(items):
 
 # Niceness of the local tests' worker under pytest-xdist: the cluster's daemons and jobs (started by
 # `make cluster-up`, so at niceness 0) and the cluster tests' worker come first, and the local tests fill the
-# time they leave. Measured at equal priority on 2 cores: slurmd missed its RPCs ("Socket timed out"), a
-# signal reached a job's next attempt, and the cluster tests, the suite's critical path, ran up to twice as long.
+# time they leave. Seen at equal priority on 2 cores: slurmd missed the controller's RPCs ("Socket timed out"),
+# a job's attempt stopped on a signal no test had sent it, and the cluster tests, the suite's critical path,
+# ran up to twice as long as alone.
 LOCAL_TESTS_NICENESS = 10
 
 
