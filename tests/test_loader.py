@@ -1,6 +1,7 @@
 """Batches through a DataLoader follow the same global batch stream as in-memory tensors: the same samples,
 with the same augmentation, at any world size, with any number of workers, and after a resume."""
 
+import os
 import random
 from pathlib import Path
 
@@ -12,21 +13,20 @@ from user_code import Waves
 from hpcml.compute.data import GlobalBatchStream
 from hpcml.compute.loader import BatchSource, SeededSamples, sample_seed
 from hpcml.config import LoaderConfig
+from hpcml.errors import ConfigError
 
 CPU = torch.device("cpu")
 STEPS = 12
 
 
-def batches(dataset, world_size, workers, start=0, seed=0, micro_batches=1):
+def batches(dataset, world_size, workers, start=0, seed=0, micro_batches=1, cfg=None):
     """Global batches start..STEPS-1: every rank's micro-batches, concatenated in rank order."""
     stream = GlobalBatchStream(len(dataset), 32, seed)
+    cfg = cfg or LoaderConfig(num_workers=workers)
     sources = [
-        BatchSource(
-            dataset, stream, rank, world_size, CPU, seed, LoaderConfig(num_workers=workers), STEPS,
-            micro_batches=micro_batches,
-        )
+        BatchSource(dataset, stream, rank, world_size, CPU, seed, cfg, STEPS, micro_batches=micro_batches)
         for rank in range(world_size)
-    ]  # fmt: skip
+    ]
     out = []
     for step in range(start, STEPS):
         parts = [micro for source in sources for micro in source.next_batch(step)]
@@ -77,6 +77,31 @@ def test_each_sample_is_read_under_streams_seeded_from_seed_step_and_index_alone
         assert seeded[key] == first[key] == by_the_definition, key
 
 
+class TorchNoise:
+    """Augmentation drawn from torch's stream alone."""
+
+    def __len__(self):
+        return 200
+
+    def __getitem__(self, index):
+        return {"x": torch.full((3,), float(index)) + torch.randn(3)}
+
+
+@pytest.mark.parametrize("world_size, workers", [(2, 0), (4, 2)])
+def test_a_dataset_drawing_from_torch_alone_is_exact_with_torch_alone_seeded(world_size, workers):
+    torch_alone = LoaderConfig(num_workers=workers, seeded_streams=["torch"])
+    reference = batches(TorchNoise(), 1, 0)  # all three seeded, no workers
+    assert_same(batches(TorchNoise(), world_size, workers, cfg=torch_alone), reference)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_draw_from_a_stream_left_unseeded_fails_naming_it_and_the_fix(workers):
+    """Waves draws from torch and numpy; numpy is left out. The error comes from the worker that read it."""
+    cfg = LoaderConfig(num_workers=workers, seeded_streams=["torch", "random"])
+    with pytest.raises(ConfigError, match=r"drew from the numpy random stream.*Add numpy to loader.seeded_streams"):
+        batches(Waves(size=200, noise=0.5), 1, workers, cfg=cfg)
+
+
 @pytest.mark.parametrize("world_size, workers", [(2, 0), (2, 2)])
 def test_micro_batches_split_each_ranks_share_without_changing_a_sample(world_size, workers):
     """Gradient accumulation reads the same samples with the same augmentation, in the same order."""
@@ -118,6 +143,43 @@ def test_a_worker_that_fails_fails_the_batch_with_its_error():
     )
     with pytest.raises(OSError, match="sample 3: input/output error"):
         source.next_batch(0)
+
+
+LEAVES_A_LOADER_HELD = """
+import sys, torch
+from user_code import Waves
+from hpcml.compute.data import GlobalBatchStream
+from hpcml.compute.loader import BatchSource
+from hpcml.config import LoaderConfig
+
+def source():
+    s = BatchSource(Waves(size=64), GlobalBatchStream(64, 8, 0), 0, 1, torch.device("cpu"), 0,
+                    LoaderConfig(num_workers=2), 8)
+    s.next_batch(0)
+    return s, s._loader  # the iterator, held as a traceback's frames would hold it
+
+closed, held = source()
+closed.close()
+assert not any(w.is_alive() for w in held._workers), "close() left workers running"
+left, held_too = source()
+print("leaving with workers running:", sum(w.is_alive() for w in held_too._workers), flush=True)
+"""
+
+
+def test_a_rank_never_waits_at_exit_for_workers_that_ignore_term():
+    """Workers ignore TERM, which multiprocessing sends its daemon children at exit before joining them: a
+    process leaving while a loader iterator is still held (as by a traceback) waited for ever. close() ends
+    the workers while the iterator is held; and a process that exits without closing exits."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    done = subprocess.run(
+        [sys.executable, "-c", LEAVES_A_LOADER_HELD], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "leaving with workers running: 2" in done.stdout
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
 
 
 def test_in_memory_tensors_take_the_direct_path_and_give_the_same_batches():

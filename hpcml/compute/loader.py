@@ -14,10 +14,12 @@ number of workers, in an uninterrupted run and in a resumed one.
 from __future__ import annotations
 
 import _random
+import atexit
 import functools
 import random
 import signal
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,7 +28,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate
 
 from hpcml.compute.data import GlobalBatchStream, gather, to_device
-from hpcml.config import LoaderConfig
+from hpcml.config import SEEDED_STREAMS, LoaderConfig
+from hpcml.errors import ConfigError
 
 # Keys of one sample read at one step: (step, sample index).
 SampleKey = tuple[int, int]
@@ -63,6 +66,36 @@ _seed_c_random = _random.Random.seed
 _MODULE_RANDOM = random.seed.__self__
 
 
+def _seed_torch(value: int) -> None:
+    # The CPU generator alone: torch.manual_seed also seeds every accelerator's, 280 us a sample (measured).
+    torch.default_generator.manual_seed(value)
+
+
+def _seed_numpy(value: int) -> None:
+    np.random.seed(value % 2**32)
+
+
+def _seed_random(value: int) -> None:
+    _seed_c_random(_MODULE_RANDOM, value)
+    _MODULE_RANDOM.gauss_next = None
+
+
+SEEDERS = {"torch": _seed_torch, "numpy": _seed_numpy, "random": _seed_random}
+# Each stream's whole state, to tell whether a sample drew from it.
+STATES = {"torch": torch.get_rng_state, "numpy": lambda: np.random.get_state(legacy=False), "random": random.getstate}
+assert set(SEEDERS) == set(STATES) == set(SEEDED_STREAMS)
+
+
+def _same_state(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):  # numpy's: its key array among plain values
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b)
+    return a == b
+
+
 def ignore_stop_signals(signals: tuple[int, ...], worker_id: int) -> None:
     """A DataLoader worker's first act: ignore the stop signals, then let them through (they were blocked
     across the fork: see BatchSource._start_workers). Slurm signals every process of a step, workers
@@ -78,11 +111,17 @@ class SeededSamples(Dataset):
     """`dataset`, read by (step, index) keys, each sample under random streams seeded from them alone.
 
     In the main process the caller's random state is put back after each batch (read_batch), so seeding
-    samples never changes what the training step draws (dropout)."""
+    samples never changes what the training step draws (dropout). When `streams` leaves some out, the first
+    CHECKED_SAMPLES samples each process reads are watched for draws from those, which are refused."""
 
-    def __init__(self, dataset: Any, seed: int):
+    CHECKED_SAMPLES = 64
+
+    def __init__(self, dataset: Any, seed: int, streams: tuple[str, ...] | list[str] = SEEDED_STREAMS):
         self.dataset = dataset
         self.seed = seed
+        self._seeders = [SEEDERS[name] for name in streams]
+        self._unseeded = [name for name in SEEDED_STREAMS if name not in streams]
+        self._left_to_check = self.CHECKED_SAMPLES if self._unseeded else 0
         self._step_seed = (-1, 0)  # (step, step_seed(seed, step)) of the last sample read
 
     def __len__(self) -> int:
@@ -93,12 +132,22 @@ class SeededSamples(Dataset):
         if self._step_seed[0] != step:
             self._step_seed = (step, step_seed(self.seed, step))
         value = seed_in_step(self._step_seed[1], index)
-        # The CPU generator alone: torch.manual_seed also seeds every accelerator's, 280 us a sample (measured).
-        torch.default_generator.manual_seed(value)
-        np.random.seed(value % 2**32)
-        _seed_c_random(_MODULE_RANDOM, value)
-        _MODULE_RANDOM.gauss_next = None
-        return self.dataset[index]
+        for seed in self._seeders:
+            seed(value)
+        if not self._left_to_check:
+            return self.dataset[index]
+        self._left_to_check -= 1
+        before = {name: STATES[name]() for name in self._unseeded}
+        sample = self.dataset[index]
+        drawn = [name for name in self._unseeded if not _same_state(before[name], STATES[name]())]
+        if drawn:
+            raise ConfigError(
+                f"sample {index} drew from the {' and '.join(drawn)} random stream(s), which "
+                f"loader.seeded_streams={[n for n in SEEDED_STREAMS if n not in self._unseeded]} leaves "
+                "unseeded: its augmentation would differ between world sizes and after a resume. Add "
+                f"{', '.join(drawn)} to loader.seeded_streams (or leave it at its default, all three)."
+            )
+        return sample
 
     def read_batch(self, keys: list[SampleKey], collate: Callable[[list[Any]], Any]) -> Any:
         """The batch of `keys`, read right here, leaving this process's random state as it was."""
@@ -134,6 +183,25 @@ class RankBatchSampler(Sampler[list[SampleKey]]):
         return max(0, self.steps - self.start_step) * self.micro_batches
 
 
+# Every loader iterator this process started, for _kill_workers_left.
+_STARTED: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register  # after multiprocessing's and torch's exit handlers are registered, so it runs before them
+def _kill_workers_left() -> None:
+    """At exit, multiprocessing TERMs its daemon children (DataLoader workers) and then joins them; ours
+    ignore TERM (Slurm's stop is the rank's to act on), so a rank leaving while something still held a loader
+    (a traceback's frames) waited for them for ever (measured). They are told to stop as torch would, and
+    killed if they have not within its few seconds: what they were reading is moot by then."""
+    for loader in list(_STARTED):
+        shutdown = getattr(loader, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        for worker in getattr(loader, "_workers", ()):
+            if worker.is_alive():
+                worker.kill()
+
+
 class BatchSource:
     """This rank's micro-batches of each step (one without gradient accumulation), on its device, in step
     order; `peek` reads a step's first without advancing."""
@@ -158,7 +226,7 @@ class BatchSource:
         self.collate = collate_fn or default_collate
         # In-memory tensors need no workers: indexing a whole batch at once is faster than any loader.
         self.direct = isinstance(dataset, TensorDataset) and cfg.num_workers == 0 and collate_fn is None
-        self.seeded = None if self.direct else SeededSamples(dataset, seed)
+        self.seeded = None if self.direct else SeededSamples(dataset, seed, cfg.seeded_streams)
         self._loader: Iterator[Any] | None = None
         self._next_step = -1
         # Seconds spent waiting for batches since the last `take_wait_s`: the loader's share of a step.
@@ -199,13 +267,18 @@ class BatchSource:
         self.close()
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, self.stop_signals)
         try:
-            return iter(self._make_loader(start_step))
+            loader = iter(self._make_loader(start_step))
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        _STARTED.add(loader)
+        return loader
 
     def close(self) -> None:
-        """Stop the workers (if any) now: dropping the only reference to the iterator shuts them down."""
-        self._loader = None
+        """Stop the workers (if any) now, even if something else (a traceback) still holds the iterator."""
+        loader, self._loader = self._loader, None
+        shutdown = getattr(loader, "_shutdown_workers", None)  # torch's own, as the iterator's __del__ calls it
+        if shutdown is not None:
+            shutdown()
 
     def take_wait_s(self) -> float:
         waited, self._wait_s = self._wait_s, 0.0
