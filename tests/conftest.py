@@ -8,6 +8,10 @@ import pytest
 from helpers import ROOT
 
 
+def is_cluster_test(item) -> bool:
+    return "tests/cluster/" in str(item.fspath)
+
+
 # tryfirst: pytest-xdist reads the mark in a hook of its own, which runs before this file's hooks unless told.
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
@@ -17,7 +21,7 @@ def pytest_collection_modifyitems(items):
     the local tests use both cores while the cluster's jobs mostly wait on Slurm's start-up and requeue
     delays. Without `-n`, as `make test-fast` runs, the mark does nothing."""
     for item in items:
-        group = "cluster" if "tests/cluster/" in str(item.fspath) else "local"
+        group = "cluster" if is_cluster_test(item) else "local"
         item.add_marker(pytest.mark.xdist_group(group))
 
 
@@ -32,7 +36,7 @@ LOCAL_TESTS_NICENESS = 10
 def pytest_runtest_setup(item):
     if "PYTEST_XDIST_WORKER" not in os.environ:
         return
-    wanted = 0 if "tests/cluster/" in str(item.fspath) else LOCAL_TESTS_NICENESS
+    wanted = 0 if is_cluster_test(item) else LOCAL_TESTS_NICENESS
     try:
         os.setpriority(os.PRIO_PROCESS, 0, wanted)  # the tests' subprocesses inherit it
     except PermissionError:

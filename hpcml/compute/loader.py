@@ -194,12 +194,18 @@ def _kill_workers_left() -> None:
     (a traceback's frames) waited for them for ever (measured). They are told to stop as torch would, and
     killed if they have not within its few seconds: what they were reading is moot by then."""
     for loader in list(_STARTED):
-        shutdown = getattr(loader, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-        for worker in getattr(loader, "_workers", ()):
-            if worker.is_alive():
-                worker.kill()
+        _stop_workers(loader)
+
+
+def _stop_workers(loader: Iterator[Any]) -> None:
+    """Tell `loader`'s workers to stop, through torch's own shutdown (what the iterator's __del__ calls), and
+    kill any still running after its few seconds' wait: they ignore the TERM it ends with."""
+    shutdown = getattr(loader, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for worker in getattr(loader, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
 
 
 class BatchSource:
@@ -276,9 +282,8 @@ class BatchSource:
     def close(self) -> None:
         """Stop the workers (if any) now, even if something else (a traceback) still holds the iterator."""
         loader, self._loader = self._loader, None
-        shutdown = getattr(loader, "_shutdown_workers", None)  # torch's own, as the iterator's __del__ calls it
-        if shutdown is not None:
-            shutdown()
+        if loader is not None:
+            _stop_workers(loader)
 
     def take_wait_s(self) -> float:
         waited, self._wait_s = self._wait_s, 0.0
