@@ -340,8 +340,6 @@ class TrainConfig:
 
 
 LOADER_CONTEXTS = ("fork", "forkserver", "spawn")
-# The process-wide random streams a Dataset can draw augmentation from, each re-seeded per sample.
-SEEDED_STREAMS = ("torch", "numpy", "random")
 
 
 @dataclass
@@ -362,12 +360,6 @@ class LoaderConfig:
     timeout_s: float = 300.0
     # Combines a batch's samples; None is torch's default_collate. A `_target_` node with `_partial_: true`.
     collate_fn: dict[str, Any] | None = None
-    # The global random streams re-seeded from (train.seed, step, index) before each sample is read: what
-    # makes augmentation drawn in __getitem__ exact at any world size and after a resume. All three cost
-    # about 10 us a sample (measured), a Dataset that draws from torch alone can name torch alone (about
-    # 2 us). A stream left out that the Dataset does draw from, in the first samples each process reads,
-    # fails the job with its name (a rarer draw would go unseen, and the run would not be exact).
-    seeded_streams: list[str] = field(default_factory=lambda: list(SEEDED_STREAMS))
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 0, f"loader.num_workers={self.num_workers} cannot be negative (0: no workers).")
@@ -384,12 +376,6 @@ class LoaderConfig:
         _require(self.timeout_s >= 0, f"loader.timeout_s={self.timeout_s} cannot be negative (0: never time out).")
         if self.collate_fn is not None:
             components.check("loader.collate_fn", self.collate_fn)
-        for stream in self.seeded_streams:
-            _one_of("loader.seeded_streams", stream, SEEDED_STREAMS)
-        _require(
-            len(set(self.seeded_streams)) == len(self.seeded_streams),
-            f"loader.seeded_streams={list(self.seeded_streams)} names a stream twice; name each once.",
-        )
 
 
 @dataclass

@@ -13,7 +13,6 @@ from user_code import Waves
 from hpcml.compute.data import GlobalBatchStream
 from hpcml.compute.loader import BatchSource, SeededSamples, sample_seed
 from hpcml.config import LoaderConfig
-from hpcml.errors import ConfigError
 
 CPU = torch.device("cpu")
 STEPS = 12
@@ -77,6 +76,44 @@ def test_each_sample_is_read_under_streams_seeded_from_seed_step_and_index_alone
         assert seeded[key] == first[key] == by_the_definition, key
 
 
+def by_the_definition(dataset, seed, step, index):
+    """`dataset[index]` read right after seeding all three streams with sample_seed(seed, step, index)."""
+    value = sample_seed(seed, step, index)
+    torch.manual_seed(value)
+    np.random.seed(value % 2**32)
+    random.seed(value)
+    return dataset[index]
+
+
+class RareDraws:
+    """Draws from torch for every sample, from numpy for one sample in 37, and from `random` only when that
+    numpy draw is under 0.3: streams that a batch may or may not draw from."""
+
+    def __len__(self):
+        return 200
+
+    def __getitem__(self, index):
+        extra = 0.0
+        if index % 37 == 36:
+            extra = float(np.random.rand())
+            if extra < 0.3:
+                extra += 10 * random.random()
+        return {"x": torch.tensor([float(index), torch.rand(1).item(), extra])}
+
+
+@pytest.mark.parametrize("world_size, workers", [(1, 0), (2, 2), (4, 2)])
+def test_streams_drawn_from_now_and_then_are_seeded_in_every_batch_that_draws_from_them(world_size, workers):
+    """hpcml seeds only the streams a Dataset has drawn from so far, and reads a batch again when it drew from
+    another: every batch still equals reading each sample right after seeding all three streams."""
+    stream = GlobalBatchStream(200, 32, 0)
+    expected = [
+        {"x": torch.stack([by_the_definition(RareDraws(), 0, step, int(i))["x"] for i in stream.global_batch(step)])}
+        for step in range(STEPS)
+    ]
+    assert any(out["x"][:, 2].gt(1).any() for out in expected)  # some sample drew from random, too
+    assert_same(batches(RareDraws(), world_size, workers), expected)
+
+
 class TorchNoise:
     """Augmentation drawn from torch's stream alone."""
 
@@ -87,19 +124,32 @@ class TorchNoise:
         return {"x": torch.full((3,), float(index)) + torch.randn(3)}
 
 
-@pytest.mark.parametrize("world_size, workers", [(2, 0), (4, 2)])
-def test_a_dataset_drawing_from_torch_alone_is_exact_with_torch_alone_seeded(world_size, workers):
-    torch_alone = LoaderConfig(num_workers=workers, seeded_streams=["torch"])
-    reference = batches(TorchNoise(), 1, 0)  # all three seeded, no workers
-    assert_same(batches(TorchNoise(), world_size, workers, cfg=torch_alone), reference)
+class NoDraws:
+    def __len__(self):
+        return 200
+
+    def __getitem__(self, index):
+        return {"x": torch.full((3,), float(index))}
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_draw_from_a_stream_left_unseeded_fails_naming_it_and_the_fix(workers):
-    """Waves draws from torch and numpy; numpy is left out. The error comes from the worker that read it."""
-    cfg = LoaderConfig(num_workers=workers, seeded_streams=["torch", "random"])
-    with pytest.raises(ConfigError, match=r"drew from the numpy random stream.*Add numpy to loader.seeded_streams"):
-        batches(Waves(size=200, noise=0.5), 1, workers, cfg=cfg)
+def test_only_the_streams_a_dataset_draws_from_are_seeded():
+    keys = [(0, i) for i in range(8)]
+    for dataset, drawn in [(NoDraws(), []), (TorchNoise(), ["torch"]), (RareDraws(), ["torch"])]:
+        seeded = SeededSamples(dataset, seed=0)
+        seeded.__getitems__(keys)
+        assert seeded.seeded_streams == drawn, type(dataset).__name__
+
+
+def test_a_stream_first_drawn_when_the_batch_is_read_again_is_seeded_too():
+    """RareDraws draws from `random` only after a numpy draw under 0.3. Unseeded, numpy's draw is 0.55 (numpy
+    seeded with 0): the first read draws from numpy alone. Seeded, it is under 0.3 for the sample chosen here,
+    so the read again draws from `random`, which must then be seeded too."""
+    step = next(s for s in range(100) if by_the_definition(RareDraws(), 0, s, 36)["x"][2] > 1)
+    np.random.seed(0)
+    seeded = SeededSamples(RareDraws(), seed=0)
+    [sample] = seeded.__getitems__([(step, 36)])
+    assert seeded.seeded_streams == ["torch", "numpy", "random"]
+    assert torch.equal(sample["x"], by_the_definition(RareDraws(), 0, step, 36)["x"])
 
 
 @pytest.mark.parametrize("world_size, workers", [(2, 0), (2, 2)])
