@@ -83,7 +83,8 @@ class ClusterConfig:
     startup_retries: int = 2
     # A job that loses ranks to a signal or a failed node after training began (an OOM kill, a node crash),
     # with no error from its own code, requeues itself without that node and resumes, up to this many times
-    # (0: it fails instead). srun launches only (the batch shell reads srun's report of which node it was).
+    # (0: it fails instead). The batch shell reads srun's report of which node it was (sbatch/train.sbatch
+    # reads mpirun's, with HPCML_MAX_MIGRATIONS for this).
     max_migrations: int = 3
 
     def __post_init__(self) -> None:

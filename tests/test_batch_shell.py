@@ -33,7 +33,14 @@ case $fate in
           echo "srun: launch/slurm: _step_signal: Terminating StepId=7.0" >&2
           echo "srun: error: n1: tasks 0-1: Killed" >&2
           exit 137 ;;
-  wait) trap 'echo got-usr2 >> "$WORK/signals"; exit 3' USR2; touch "$WORK/waiting"
+  mpilost:*) mkdir -p "$HPCML_STEP_RECORD"; touch "$HPCML_STEP_RECORD/formed"
+          echo "[rank 0] RuntimeError: Connection closed by peer" >&2
+          echo "--------------------------------------------------------------------------" >&2
+          echo "mpirun noticed that process rank 2 with PID 4242 on node ${fate#mpilost:} exited on signal 9 (Killed)." >&2
+          echo "--------------------------------------------------------------------------" >&2
+          exit 137 ;;
+  wait) trap 'echo got-usr2 >> "$WORK/signals"; echo "[rank 0] saved after the stop" >&2; exit 3' USR2
+        touch "$WORK/waiting"
         for i in $(seq 200); do sleep 0.05; done; exit 9 ;;
 esac
 """
@@ -51,7 +58,9 @@ echo "${ACCT_STATE:-RUNNING}"
 """
 
 
-def run_step(tmp_path: Path, step: str = STEP, launcher: str = "step", **env: str) -> tuple[subprocess.Popen, Path]:
+def run_step(
+    tmp_path: Path, step: str = STEP, launcher: str = "step", own_session: bool = False, **env: str
+) -> tuple[subprocess.Popen, Path]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in ((launcher, step), ("scontrol", SCONTROL), ("sacct", SACCT), ("sinfo", SINFO)):
@@ -70,7 +79,9 @@ def run_step(tmp_path: Path, step: str = STEP, launcher: str = "step", **env: st
         **env,
     }
     script = f"set -euo pipefail; source {SHELL}; hpcml_run_step {launcher}"
-    proc = subprocess.Popen(["bash", "-c", script], env=environ, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["bash", "-c", script], env=environ, stderr=subprocess.PIPE, text=True, start_new_session=own_session
+    )
     return proc, tmp_path
 
 
@@ -117,6 +128,34 @@ def test_ranks_killed_on_a_node_after_the_world_formed_requeue_the_job_without_t
     err = proc.stderr.read()
     assert "srun: error: n2: tasks 2-3: Killed" in err  # srun's own words still reach the job log
     assert "lost the ranks on n2" in err and "migration 1 of 3" in err
+
+
+def test_ranks_killed_under_mpirun_requeue_the_job_without_the_node_mpirun_names(tmp_path):
+    """mpirun's report of the first rank to die names its node; the ranks' own stderr, which comes through
+    mpirun too, reaches the job log whole and in order. The batch script fixed 2 tasks per node on 2 nodes:
+    with one node left, the job is given 2 tasks, or it would never fit there."""
+    proc, work = run_step(
+        tmp_path, launcher="mpirun", FATE_1="mpilost:n2", SLURM_NTASKS_PER_NODE="2", SLURM_JOB_NUM_NODES="2"
+    )
+    assert proc.wait(30) == 3 and launches(work) == 1
+    calls = (work / "scontrol").read_text().splitlines()
+    assert calls[-2:] == ["requeue 7", "update jobid=7 ExcNodeList=n2 NumTasks=2"]
+    err = proc.stderr.read()
+    ranks_said = (
+        "[rank 0] RuntimeError: Connection closed by peer\n" + "-" * 74 + "\nmpirun noticed that process rank 2"
+    )
+    assert ranks_said in err and "lost the ranks on n2" in err
+    assert not list((work / "records").glob("step-*"))
+
+
+def test_a_term_to_the_shells_process_group_leaves_the_ranks_stderr_flowing_under_mpirun(tmp_path):
+    """`scancel --signal=TERM --full` signals the batch shell's whole process group, the copy of mpirun's
+    stderr included: were it to die, the ranks' next words would break the pipe (and kill mpirun)."""
+    proc, work = run_step(tmp_path, launcher="mpirun", own_session=True, FATE_1="wait")
+    wait_for(work / "waiting")
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(30) == 3
+    assert "[rank 0] saved after the stop" in proc.stderr.read()
 
 
 @pytest.mark.parametrize(

@@ -21,12 +21,13 @@
 #   HPCML_MAX_MIGRATIONS       a step that lost ranks to a signal or a failed node after its world formed,
 #                              with no error from the job's own code, is a lost peer: the job is requeued
 #                              without that node (ExcNodeList), up to this many times (0: never)
-#   HPCML_MIN_NODES            the fewest nodes the job can run on (cluster.min_nodes, else cluster.nodes):
-#                              a migration that would leave the partition fewer healthy nodes fails instead
+#   HPCML_MIN_NODES            the fewest nodes the job can run on (cluster.min_nodes, else cluster.nodes;
+#                              sbatch/train.sbatch: this attempt's count unless set): a migration that would
+#                              leave the partition fewer healthy nodes fails instead
 
 hpcml_run_step() {
   local stop=${HPCML_STOP_SIGNAL:-USR2} max_retries=${HPCML_STARTUP_RETRIES_MAX:-2}
-  local records=${HPCML_STEP_RECORDS:-.} try=0 rc=0 record lost
+  local records=${HPCML_STEP_RECORDS:-.} try=0 rc=0 record lost copier fifo
   HPCML_STEP_PID=
   HPCML_STOP_REQUESTED=0
   mkdir -p "$records"
@@ -35,10 +36,21 @@ hpcml_run_step() {
   while :; do
     record="$records/step-${SLURM_JOB_ID:-none}.${SLURM_RESTART_COUNT:-0}.$try"
     rm -rf "$record" "$record.launcher"
+    copier=
     if [ "$1" = srun ]; then
       # srun's own messages ("n2: tasks 2-3: Killed") say which node lost ranks; they are kept to read after
       # the step and shown then (the ranks' output goes to their own files, not through here).
       HPCML_STEP_RECORD="$record" HPCML_STARTUP_RETRIES="$try" setsid "$@" 2>"$record.launcher" &
+    elif [ "$1" = mpirun ]; then
+      # mpirun's own messages ("mpirun noticed that process rank 2 ... on node n2 exited on signal 9") say
+      # which node lost ranks, on the stderr that also carries the ranks' own, which the job log must show as
+      # it is written: a copy goes to the record. The copier ignores the stop signals: a TERM to this shell's
+      # process group must not cut the ranks' stderr off (mpirun would die of the broken pipe).
+      fifo=$(mktemp -d "${TMPDIR:-/tmp}/hpcml-stderr.XXXXXX")/stderr
+      mkfifo "$fifo"
+      (trap '' TERM "$stop" && exec tee "$record.launcher" <"$fifo" >&2) &
+      copier=$!
+      HPCML_STEP_RECORD="$record" HPCML_STARTUP_RETRIES="$try" setsid "$@" 2>"$fifo" &
     else
       HPCML_STEP_RECORD="$record" HPCML_STARTUP_RETRIES="$try" setsid "$@" &
     fi
@@ -48,7 +60,12 @@ hpcml_run_step() {
     done
     wait "$HPCML_STEP_PID" && rc=0 || rc=$?
     HPCML_STEP_PID=
-    [ -s "$record.launcher" ] && cat "$record.launcher" >&2
+    if [ -n "$copier" ]; then
+      while kill -0 "$copier" 2>/dev/null; do wait "$copier" || true; done  # the copy is whole before it is read
+      rm -rf "$(dirname "$fifo")"
+    elif [ -s "$record.launcher" ]; then
+      cat "$record.launcher" >&2
+    fi
     if [ "$rc" != 0 ] && [ -e "$record/formed" ] && [ "$HPCML_STOP_REQUESTED" = 0 ] \
       && ! compgen -G "$record/user_error.*" >/dev/null; then
       lost=$(hpcml_lost_nodes "$record.launcher")
@@ -90,21 +107,24 @@ hpcml_requeue_after_early_stop() {
   scontrol requeue "$SLURM_JOB_ID"
 }
 
-# The nodes srun reports ranks killed by a signal on (an OOM kill, a crash), or failed outright, comma-separated:
-# only what it reports before it ends the step itself ("Terminating StepId"), after which the other ranks are
-# ended too, by a signal of srun's own.
+# The nodes the launcher reports ranks killed by a signal on (an OOM kill, a crash), or failed outright,
+# comma-separated. srun: only what it reports before it ends the step itself ("Terminating StepId"), after
+# which the other ranks are ended too, by a signal of srun's own. mpirun reports the first rank to die (it
+# then ends the others), or the node whose daemon it lost.
 hpcml_lost_nodes() {
   [ -f "$1" ] || return 0
   sed -n -E -e '/Terminating StepId/q' \
     -e 's/^srun: error: ([^: ]+): tasks? [0-9,-]+: Killed$/\1/p' \
-    -e 's/^srun: error: Node failure on ([^ ]+).*/\1/p' "$1" | sort -u | paste -sd, -
+    -e 's/^srun: error: Node failure on ([^ ]+).*/\1/p' \
+    -e 's/^mpirun noticed that process rank [0-9]+ with PID [0-9]+ on node ([^ ]+) exited on signal [0-9]+.*/\1/p' \
+    -e 's/^ *Remote daemon: .* on node ([^ ]+)$/\1/p' "$1" | sort -u | paste -sd, -
 }
 
 # Requeue this job without the nodes in $2 (and those excluded before), counting it in $1/migrations-<job>;
 # fails, saying why, at the cap or when too few healthy nodes would be left.
 hpcml_migrate() {
   local records=$1 lost=$2 ledger="$1/migrations-${SLURM_JOB_ID}" migrated max=${HPCML_MAX_MIGRATIONS:-0}
-  local excluded healthy
+  local excluded healthy shrink=()
   migrated=$(cat "$ledger" 2>/dev/null | wc -l)
   if [ "$migrated" -ge "$max" ]; then
     echo "hpcml: lost the ranks on $lost; not requeued: the migration cap is reached ($migrated of $max, cluster.max_migrations)" >&2
@@ -122,6 +142,12 @@ hpcml_migrate() {
     echo "hpcml: lost the ranks on $lost; not requeued: only $healthy nodes of partition ${SLURM_JOB_PARTITION} would be left and the job needs ${HPCML_MIN_NODES:-1} (lower cluster.min_nodes to let it shrink)" >&2
     return 1
   fi
+  # A batch script that fixed its tasks per node (sbatch/train.sbatch: mpirun takes its slots from them) has its
+  # task count fixed by Slurm at the first start, for that many nodes: requeued without one, it would never fit
+  # on fewer (measured: pending for ever, "BadConstraints"). It gets as many tasks as the nodes left can run.
+  if [ -n "${SLURM_NTASKS_PER_NODE:-}" ] && [ "$healthy" -lt "${SLURM_JOB_NUM_NODES:-0}" ]; then
+    shrink=("NumTasks=$((SLURM_NTASKS_PER_NODE * healthy))")
+  fi
   echo "$lost" >>"$ledger"
   echo "hpcml: lost the ranks on $lost (killed, or the node failed) after training began, with no error from the job's code; requeueing job $SLURM_JOB_ID without $excluded (migration $((migrated + 1)) of $max)" >&2
   # A running job's ExcNodeList cannot change: it is set once the requeue has made the job pending. The requeue
@@ -129,6 +155,6 @@ hpcml_migrate() {
   # they ignore it (children inherit that), and Slurm's KILL comes only KillWait seconds later.
   trap '' TERM "${HPCML_STOP_SIGNAL:-USR2}"
   scontrol requeue "$SLURM_JOB_ID" || return 1
-  scontrol update jobid="$SLURM_JOB_ID" ExcNodeList="$excluded" \
-    || echo "hpcml: job $SLURM_JOB_ID is requeued, but excluding $excluded failed: it may come back on that node" >&2
+  scontrol update jobid="$SLURM_JOB_ID" ExcNodeList="$excluded" "${shrink[@]}" \
+    || echo "hpcml: job $SLURM_JOB_ID is requeued, but excluding $excluded ${shrink[*]} failed: it may come back on that node, or not fit" >&2
 }

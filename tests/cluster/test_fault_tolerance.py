@@ -128,21 +128,24 @@ def wait_for_idle_cluster(timeout: float = 120) -> None:
         time.sleep(1)
 
 
-def rank_pids(job: str, node: str) -> list[int]:
+def rank_pids(
+    job: str, node: str, command: bytes = b"hpcml.compute.submitit_main", rank_variable: str = "SLURM_STEP_ID"
+) -> list[int]:
     """The processes of `job`'s ranks on `node`, and their DataLoader workers (every logical node of the local
-    cluster is this machine)."""
+    cluster is this machine): those running `command` with `rank_variable` set (srun's ranks are job steps;
+    mpirun's have a rank of Open MPI's, which mpirun itself, running the same command line, lacks)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if b"hpcml.compute.submitit_main" not in (proc / "cmdline").read_bytes():
+            if command not in (proc / "cmdline").read_bytes():
                 continue
             pairs = (proc / "environ").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
         env = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
-        if env.get("SLURM_JOB_ID") == job and env.get("SLURMD_NODENAME") == node and "SLURM_STEP_ID" in env:
+        if env.get("SLURM_JOB_ID") == job and env.get("SLURMD_NODENAME") == node and rank_variable in env:
             pids.append(int(proc.name))
     return pids
 
@@ -215,6 +218,41 @@ def lose_a_node(out, lost: str, kept: str) -> None:
     header, row = status.stdout.splitlines()[:2]
     shown = ",".join(map(str, record["attempt_nodes"]))
     assert row[header.index("nodes") :].split()[:2] == [shown, lost], status.stdout
+
+
+def test_an_mpirun_job_that_loses_rank_0s_node_requeues_itself_without_it_and_finishes_on_the_other():
+    """`sbatch --nodes=1-2 sbatch/train.sbatch` (the mpirun path) with HPCML_MIN_NODES=1, 2 nodes x 2 ranks:
+    kill -9 of both ranks on rank 0's node (n1, where the batch shell and mpirun run), past the step-30
+    checkpoint. The batch shell reads mpirun's report of the first rank to die from its copy of mpirun's
+    stderr, requeues the job and excludes n1; it comes back on n2 alone, 2 ranks, from its last checkpoint,
+    and completes. (Exactness at the new world size is the srun-path test's, above: the same resume.)"""
+    wait_for_idle_cluster()  # so that the first attempt gets both nodes
+    job = sbatch_train(
+        "--nodes=1-2",
+        "sbatch/train.sbatch",
+        "train.steps=120",
+        "fault.step_sleep_s=0.1",
+        "checkpoint.every_steps=30",
+        SAME_TRANSPORT,
+        env={"HPCML_MIN_NODES": "1"},
+    )
+    run_dir = ROOT / "outputs" / "runs" / f"sbatch-{job}"
+    wait_for_step(run_dir, 40)
+    pids = rank_pids(job, "n1", command=b"jobs/train.py", rank_variable="OMPI_COMM_WORLD_RANK")
+    assert len(pids) == 2, pids  # ranks 0 and 1 (the built-in data needs no workers)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    history = wait_until_ended(job)
+    log = (ROOT / "outputs" / f"slurm-{job}.out").read_text()
+    # One restart, the migration; any more were stops on a signal no test sent (see the every-kind test).
+    assert history[-1] == "COMPLETED" and len(history) >= 2, f"{history}\n{log[-3000:]}"
+    assert log.count("(signal): saving a checkpoint") == 2 * (len(history) - 2), log[-3000:]  # 2 ranks log it
+    assert re.search(r"^mpirun noticed that process rank [01] with PID \d+ on node n1 exited on signal 9", log, re.M)
+    assert "lost the ranks on n1" in log and "migration 1 of 3" in log
+    result = read_result(run_dir)
+    assert (result["world_size"], result["num_nodes"]) == (2, 1) and result["resumed_from_step"] >= 30, result
+    record = json.loads((run_dir / "slurm_job.json").read_text())
+    assert record["lost_nodes"] == ["n1"] and record["nodes"] == "n2", record
 
 
 def test_time_limits_are_met_by_the_deadline_alone_on_srun_and_by_the_trapped_signal_on_mpirun(reference_sha):
@@ -328,9 +366,11 @@ def requeue_cap_fails_the_job_with_a_visible_reason():
     assert re.search(r"requeue cap reached .* the job fails here", log)
 
 
-def sbatch_train(*args: str) -> str:
-    """`sbatch [ARGS] sbatch/train.sbatch [overrides]` (the mpirun path); returns the job id."""
-    done = subprocess.run(["sbatch", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+def sbatch_train(*args: str, env: dict[str, str] | None = None) -> str:
+    """`sbatch [ARGS] sbatch/train.sbatch [overrides]` (the mpirun path), with `env` added to what the job
+    inherits; returns the job id."""
+    environ = {**os.environ, **(env or {})}
+    done = subprocess.run(["sbatch", *args], cwd=ROOT, capture_output=True, text=True, check=True, env=environ)
     return re.search(r"Submitted batch job (\d+)", done.stdout).group(1)
 
 
