@@ -127,7 +127,7 @@ hpcml_migrate() {
   local excluded healthy shrink=()
   migrated=$(cat "$ledger" 2>/dev/null | wc -l)
   if [ "$migrated" -ge "$max" ]; then
-    echo "hpcml: lost the ranks on $lost; not requeued: the migration cap is reached ($migrated of $max, cluster.max_migrations)" >&2
+    echo "hpcml: lost the ranks on $lost; not requeued: the migration cap is reached ($migrated of $max, cluster.max_migrations or HPCML_MAX_MIGRATIONS)" >&2
     return 1
   fi
   excluded=$(scontrol show job -o "$SLURM_JOB_ID" | grep -o 'ExcNodeList=[^ ]*' | cut -d= -f2)
@@ -139,7 +139,7 @@ hpcml_migrate() {
   healthy=$(sinfo -h -N -t idle,mixed,allocated,completing -p "${SLURM_JOB_PARTITION}" -o '%N' | sort -u \
     | grep -cvxF -f <(tr ',' '\n' <<<"$excluded") || true)
   if [ "$healthy" -lt "${HPCML_MIN_NODES:-1}" ]; then
-    echo "hpcml: lost the ranks on $lost; not requeued: only $healthy nodes of partition ${SLURM_JOB_PARTITION} would be left and the job needs ${HPCML_MIN_NODES:-1} (lower cluster.min_nodes to let it shrink)" >&2
+    echo "hpcml: lost the ranks on $lost; not requeued: only $healthy nodes of partition ${SLURM_JOB_PARTITION} would be left and the job needs ${HPCML_MIN_NODES:-1} (lower cluster.min_nodes, or HPCML_MIN_NODES for sbatch/train.sbatch, to let it shrink)" >&2
     return 1
   fi
   # A batch script that fixed its tasks per node (sbatch/train.sbatch: mpirun takes its slots from them) has its

@@ -7,8 +7,8 @@ the run resumes from, so a resumed run (at any world size) reads the same sample
 Randomness drawn inside a Dataset's `__getitem__` (augmentation) would otherwise depend on process state:
 which worker got the sample and what that worker drew before. Each sample is instead read under the random
 streams it draws from (of torch, numpy, random) seeded from (train.seed, step, sample index) alone, in a
-worker or in the main process, so the same sample at the same step gets the same augmentation at any world size, with any
-number of workers, in an uninterrupted run and in a resumed one.
+worker or in the main process, so the same sample at the same step gets the same augmentation at any world
+size, with any number of workers, in an uninterrupted run and in a resumed one.
 """
 
 from __future__ import annotations
