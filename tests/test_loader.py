@@ -166,6 +166,17 @@ def test_micro_batches_that_do_not_split_evenly_are_refused():
         GlobalBatchStream(200, 32, 0).micro_batches(0, 0, 2, 3)
 
 
+def test_a_loader_asked_for_another_step_than_the_next_restarts_there_while_batches_are_in_flight():
+    """The receiving thread holds batches read ahead when the loop asks for a step out of order (a settling
+    step, a resume): the workers are stopped under it and restarted at that step."""
+    data = Waves(size=200, noise=0.5)
+    reference = batches(data, 1, 0)
+    source = BatchSource(data, GlobalBatchStream(200, 32, 0), 0, 1, CPU, 0, LoaderConfig(num_workers=2), STEPS)
+    for step in (0, 1, 6, 7, 3):
+        assert_same(source.next_batch(step), [reference[step]])
+    source.close()
+
+
 def test_a_resumed_loader_continues_the_same_stream():
     data = Waves(size=200, noise=0.5)
     assert_same(batches(data, 2, 2, start=7), batches(data, 2, 2)[7:])  # crosses the epoch boundary at step 6
@@ -206,7 +217,7 @@ def source():
     s = BatchSource(Waves(size=64), GlobalBatchStream(64, 8, 0), 0, 1, torch.device("cpu"), 0,
                     LoaderConfig(num_workers=2), 8)
     s.next_batch(0)
-    return s, s._loader  # the iterator, held as a traceback's frames would hold it
+    return s, s._loader.loader  # the iterator, held as a traceback's frames would hold it
 
 closed, held = source()
 closed.close()

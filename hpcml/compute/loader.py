@@ -16,8 +16,10 @@ from __future__ import annotations
 import _random
 import atexit
 import functools
+import queue
 import random
 import signal
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -218,6 +220,65 @@ def _stop_workers(loader: Iterator[Any]) -> None:
             worker.kill()
 
 
+class BackgroundReceiver:
+    """A DataLoader iterator's batches, received from its workers by a thread of this one's, up to `depth`
+    ahead. Taking a ready batch from a worker costs the rank about 1 ms (measured: torch hands each tensor over
+    as a file descriptor, through a connection made per batch, then unpickles it), which torch moves off the
+    training thread only on GPUs, in its pin-memory thread; here it overlaps the step on every device (measured:
+    the loader's share of a 5.9 ms step 19% -> 3%, the step 13% shorter). The batches and their order are
+    the iterator's. A worker's error is raised by `next`, in the training thread.
+
+    The thread takes `count` batches, the sampler's all, and never asks for one more: past the last, torch's
+    iterator shuts its workers down itself, and doing that here would race close() doing it in the training
+    thread (seen: a worker killed while torch still watched it, and its SIGCHLD raised in the training thread)."""
+
+    _END = object()
+
+    def __init__(self, loader: Iterator[Any], depth: int, count: int):
+        self.loader, self.count = loader, count
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._receive, name="hpcml-batches", daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        try:
+            for _ in range(self.count):
+                if not self._put((next(self.loader), None)):
+                    return
+            self._put((self._END, None))
+        except BaseException as err:  # handed to the training thread, which raises it
+            self._put((None, err))
+
+    def _put(self, item: tuple[Any, BaseException | None]) -> bool:
+        """False once the receiver is stopping: nobody will take what is left."""
+        while not self._stopping.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def __iter__(self) -> BackgroundReceiver:
+        return self
+
+    def __next__(self) -> Any:
+        batch, err = self._queue.get()
+        if err is not None:
+            raise err
+        if batch is self._END:
+            raise StopIteration
+        return batch
+
+    def close(self, join_s: float = 1.0) -> None:
+        """Stop receiving and stop the workers. The thread ends once it sees the stop; one still waiting on a
+        worker's queue may take up to torch's poll interval (5 s) to, and is a daemon: nothing waits for it."""
+        self._stopping.set()
+        _stop_workers(self.loader)
+        self._thread.join(join_s)
+
+
 class BatchSource:
     """This rank's micro-batches of each step (one without gradient accumulation), on its device, in step
     order; `peek` reads a step's first without advancing."""
@@ -243,7 +304,7 @@ class BatchSource:
         # In-memory tensors need no workers: indexing a whole batch at once is faster than any loader.
         self.direct = isinstance(dataset, TensorDataset) and cfg.num_workers == 0 and collate_fn is None
         self.seeded = None if self.direct else SeededSamples(dataset, seed)
-        self._loader: Iterator[Any] | None = None
+        self._loader: BackgroundReceiver | None = None
         self._next_step = -1
         # Seconds spent waiting for batches since the last `take_wait_s`: the loader's share of a step.
         self._wait_s = 0.0
@@ -276,10 +337,12 @@ class BatchSource:
         self._wait_s += time.perf_counter() - started
         return batches
 
-    def _start_workers(self, start_step: int) -> Iterator[Any]:
+    def _start_workers(self, start_step: int) -> BackgroundReceiver:
         """A loader iterator from `start_step`, its workers forked with the stop signals blocked: a signal in
         the moment between a worker's fork and its ignore_stop_signals would otherwise kill it (seen in
-        tests). The rank's own copy of such a signal stays pending while blocked and is handled right after."""
+        tests). The rank's own copy of such a signal stays pending while blocked and is handled right after.
+        The workers are forked before the receiving thread starts (and after the last one ended): a fork
+        copies no other thread, and no lock one held."""
         self.close()
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, self.stop_signals)
         try:
@@ -287,13 +350,18 @@ class BatchSource:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         _STARTED.add(loader)
-        return loader
+        return BackgroundReceiver(loader, depth=self.micro_batches, count=len(loader))
 
     def close(self) -> None:
         """Stop the workers (if any) now, even if something else (a traceback) still holds the iterator."""
-        loader, self._loader = self._loader, None
-        if loader is not None:
-            _stop_workers(loader)
+        receiver, self._loader = self._loader, None
+        if receiver is not None:
+            receiver.close()
+
+    def __del__(self) -> None:
+        # Dropped without close(): the receiving thread holds the loader, whose workers would run on.
+        if getattr(self, "_loader", None) is not None:
+            self.close()
 
     def take_wait_s(self) -> float:
         waited, self._wait_s = self._wait_s, 0.0
