@@ -34,9 +34,10 @@ case $fate in
           echo "srun: error: n1: tasks 0-1: Killed" >&2
           exit 137 ;;
   mpilost:*) mkdir -p "$HPCML_STEP_RECORD"; touch "$HPCML_STEP_RECORD/formed"
+          node_signal=${fate#mpilost:}
           echo "[rank 0] RuntimeError: Connection closed by peer" >&2
           echo "--------------------------------------------------------------------------" >&2
-          echo "mpirun noticed that process rank 2 with PID 4242 on node ${fate#mpilost:} exited on signal 9 (Killed)." >&2
+          echo "mpirun noticed that process rank 2 with PID 4242 on node ${node_signal%:*} exited on signal ${node_signal#*:} (Killed)." >&2
           echo "--------------------------------------------------------------------------" >&2
           exit 137 ;;
   wait) trap 'echo got-usr2 >> "$WORK/signals"; echo "[rank 0] saved after the stop" >&2; exit 3' USR2
@@ -76,6 +77,7 @@ def run_step(
         "HPCML_MAX_MIGRATIONS": "3",
         "HPCML_MIN_NODES": "1",
         "SLURM_JOB_PARTITION": "batch",
+        "SLURM_JOB_NODELIST": "n1,n2",
         **env,
     }
     script = f"set -euo pipefail; source {SHELL}; hpcml_run_step {launcher}"
@@ -135,7 +137,7 @@ def test_ranks_killed_under_mpirun_requeue_the_job_without_the_node_mpirun_names
     mpirun too, reaches the job log whole and in order. The batch script fixed 2 tasks per node on 2 nodes:
     with one node left, the job is given 2 tasks, or it would never fit there."""
     proc, work = run_step(
-        tmp_path, launcher="mpirun", FATE_1="mpilost:n2", SLURM_NTASKS_PER_NODE="2", SLURM_JOB_NUM_NODES="2"
+        tmp_path, launcher="mpirun", FATE_1="mpilost:n2:9", SLURM_NTASKS_PER_NODE="2", SLURM_JOB_NUM_NODES="2"
     )
     assert proc.wait(30) == 3 and launches(work) == 1
     calls = (work / "scontrol").read_text().splitlines()
@@ -146,6 +148,17 @@ def test_ranks_killed_under_mpirun_requeue_the_job_without_the_node_mpirun_names
     )
     assert ranks_said in err and "lost the ranks on n2" in err
     assert not list((work / "records").glob("step-*"))
+
+
+@pytest.mark.parametrize(
+    "fate", ["mpilost:n2:11", "mpilost:n2:6", "mpilost:vm:9"], ids=["SIGSEGV", "SIGABRT", "not-a-node-of-the-job"]
+)
+def test_an_mpirun_rank_that_died_of_its_own_crash_or_on_no_node_of_the_job_is_not_a_lost_node(tmp_path, fate):
+    """Only SIGKILL (a node crash, an OOM kill) is a lost peer; a rank's own SIGSEGV or SIGABRT fails the job
+    as any error of its code does. A name that is no node of the job's is never excluded."""
+    proc, work = run_step(tmp_path, launcher="mpirun", FATE_1=fate)
+    assert proc.wait(30) == 137 and launches(work) == 1
+    assert "requeue" not in ((work / "scontrol").read_text() if (work / "scontrol").exists() else "")
 
 
 def test_a_term_to_the_shells_process_group_leaves_the_ranks_stderr_flowing_under_mpirun(tmp_path):

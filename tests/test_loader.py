@@ -11,7 +11,7 @@ import torch
 from user_code import Waves
 
 from hpcml.compute.data import GlobalBatchStream
-from hpcml.compute.loader import BatchSource, SeededSamples, sample_seed
+from hpcml.compute.loader import BackgroundReceiver, BatchSource, SeededSamples, sample_seed
 from hpcml.config import LoaderConfig
 
 CPU = torch.device("cpu")
@@ -166,9 +166,21 @@ def test_micro_batches_that_do_not_split_evenly_are_refused():
         GlobalBatchStream(200, 32, 0).micro_batches(0, 0, 2, 3)
 
 
+def test_a_receiver_raises_a_readers_error_in_the_training_thread_and_again_if_asked_again():
+    def reads():
+        yield "batch 0"
+        raise OSError("sample 3: input/output error")
+
+    receiver = BackgroundReceiver(reads(), depth=1, count=3)
+    assert next(receiver) == "batch 0"
+    for _ in range(2):  # the thread is gone after the error: asked again, it must not wait for ever
+        with pytest.raises(OSError, match="sample 3"):
+            next(receiver)
+
+
 def test_a_loader_asked_for_another_step_than_the_next_restarts_there_while_batches_are_in_flight():
     """The receiving thread holds batches read ahead when the loop asks for a step out of order (a settling
-    step, a resume): the workers are stopped under it and restarted at that step."""
+    step, a resume): the loader restarts at that step and gives that step's batches."""
     data = Waves(size=200, noise=0.5)
     reference = batches(data, 1, 0)
     source = BatchSource(data, GlobalBatchStream(200, 32, 0), 0, 1, CPU, 0, LoaderConfig(num_workers=2), STEPS)

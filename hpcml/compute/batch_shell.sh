@@ -44,8 +44,9 @@ hpcml_run_step() {
     elif [ "$1" = mpirun ]; then
       # mpirun's own messages ("mpirun noticed that process rank 2 ... on node n2 exited on signal 9") say
       # which node lost ranks, on the stderr that also carries the ranks' own, which the job log must show as
-      # it is written: a copy goes to the record. The copier ignores the stop signals: a TERM to this shell's
-      # process group must not cut the ranks' stderr off (mpirun would die of the broken pipe).
+      # it is written: a copy goes to the record (removed with it when the step ends). The copier ignores the
+      # stop signals: a TERM to this shell's process group must not cut the ranks' stderr off (mpirun would
+      # die of the broken pipe).
       fifo=$(mktemp -d "${TMPDIR:-/tmp}/hpcml-stderr.XXXXXX")/stderr
       mkfifo "$fifo"
       (trap '' TERM "$stop" && exec tee "$record.launcher" <"$fifo" >&2) &
@@ -61,7 +62,11 @@ hpcml_run_step() {
     wait "$HPCML_STEP_PID" && rc=0 || rc=$?
     HPCML_STEP_PID=
     if [ -n "$copier" ]; then
-      while kill -0 "$copier" 2>/dev/null; do wait "$copier" || true; done  # the copy is whole before it is read
+      # The copy is whole before it is read: the copier sees the end once every holder of mpirun's stderr has
+      # left (its daemons' launcher too); one that lingers is not waited for past a minute.
+      for _ in $(seq 600); do kill -0 "$copier" 2>/dev/null || break; sleep 0.1; done
+      kill -KILL "$copier" 2>/dev/null || true
+      wait "$copier" 2>/dev/null || true
       rm -rf "$(dirname "$fifo")"
     elif [ -s "$record.launcher" ]; then
       cat "$record.launcher" >&2
@@ -107,17 +112,19 @@ hpcml_requeue_after_early_stop() {
   scontrol requeue "$SLURM_JOB_ID"
 }
 
-# The nodes the launcher reports ranks killed by a signal on (an OOM kill, a crash), or failed outright,
-# comma-separated. srun: only what it reports before it ends the step itself ("Terminating StepId"), after
-# which the other ranks are ended too, by a signal of srun's own. mpirun reports the first rank to die (it
-# then ends the others), or the node whose daemon it lost.
+# The nodes the launcher reports ranks killed (SIGKILL: an OOM kill, a crash) on, or failed outright, that are
+# nodes of this job, comma-separated. srun: only what it reports before it ends the step itself ("Terminating
+# StepId"), after which the other ranks are ended too, by a signal of srun's own. mpirun (prterun in Open MPI 5)
+# reports the first rank to die (it then ends the others), or the node whose daemon it lost. A rank that died
+# of another signal (SIGSEGV, SIGABRT) failed on its own: that is no lost node.
 hpcml_lost_nodes() {
   [ -f "$1" ] || return 0
   sed -n -E -e '/Terminating StepId/q' \
     -e 's/^srun: error: ([^: ]+): tasks? [0-9,-]+: Killed$/\1/p' \
     -e 's/^srun: error: Node failure on ([^ ]+).*/\1/p' \
-    -e 's/^mpirun noticed that process rank [0-9]+ with PID [0-9]+ on node ([^ ]+) exited on signal [0-9]+.*/\1/p' \
-    -e 's/^ *Remote daemon: .* on node ([^ ]+)$/\1/p' "$1" | sort -u | paste -sd, -
+    -e 's/^[a-z]+ noticed that process rank [0-9]+ with PID [0-9]+ on node ([^ ]+) exited on signal 9\b.*/\1/p' \
+    -e 's/^ *Remote daemon: .* on node ([^ ]+)$/\1/p' "$1" | sort -u \
+    | { grep -xF -f <(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null) || true; } | paste -sd, -
 }
 
 # Requeue this job without the nodes in $2 (and those excluded before), counting it in $1/migrations-<job>;
@@ -155,6 +162,7 @@ hpcml_migrate() {
   # they ignore it (children inherit that), and Slurm's KILL comes only KillWait seconds later.
   trap '' TERM "${HPCML_STOP_SIGNAL:-USR2}"
   scontrol requeue "$SLURM_JOB_ID" || return 1
-  scontrol update jobid="$SLURM_JOB_ID" ExcNodeList="$excluded" "${shrink[@]}" \
-    || echo "hpcml: job $SLURM_JOB_ID is requeued, but excluding $excluded ${shrink[*]} failed: it may come back on that node, or not fit" >&2
+  # ${a[@]+...}: an empty array is "unbound" to `set -u` in bash before 4.4.
+  scontrol update jobid="$SLURM_JOB_ID" ExcNodeList="$excluded" ${shrink[@]+"${shrink[@]}"} \
+    || echo "hpcml: job $SLURM_JOB_ID is requeued, but excluding $excluded ${shrink[@]+"${shrink[*]}"} failed: it may come back on that node, or not fit" >&2
 }

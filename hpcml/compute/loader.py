@@ -119,7 +119,9 @@ class SeededSamples(Dataset):
     So every batch handed on was read with each stream it draws from seeded per sample: the same samples as
     seeding all three every time, for the cost of the ones in use (measured per sample: torch 1 us, numpy 2,
     random 4; comparing the others' states, tens of us a batch). Reading a batch again calls the Dataset's
-    __getitem__ again for its samples: at most once per stream, in each process.
+    __getitem__ again for its samples: at most once per stream, in each process. A Dataset that takes
+    randomness from a stream without moving it (torch.initial_seed(), draws inside torch.random.fork_rng())
+    is not seen doing so: that is for it to seed from the index.
 
     In the main process the caller's random state is put back after each batch (read_batch), so seeding
     samples never changes what the training step draws (dropout)."""
@@ -238,6 +240,7 @@ class BackgroundReceiver:
         self.loader, self.count = loader, count
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stopping = threading.Event()
+        self._last: tuple[Any, BaseException | None] | None = None  # the end or the error, once taken
         self._thread = threading.Thread(target=self._receive, name="hpcml-batches", daemon=True)
         self._thread.start()
 
@@ -264,19 +267,24 @@ class BackgroundReceiver:
         return self
 
     def __next__(self) -> Any:
-        batch, err = self._queue.get()
+        # After the end or an error the thread is gone: asked again, say it again (as torch's iterator does).
+        batch, err = self._last or self._queue.get()
         if err is not None:
+            self._last = (None, err)
             raise err
         if batch is self._END:
+            self._last = (batch, None)
             raise StopIteration
         return batch
 
-    def close(self, join_s: float = 1.0) -> None:
-        """Stop receiving and stop the workers. The thread ends once it sees the stop; one still waiting on a
-        worker's queue may take up to torch's poll interval (5 s) to, and is a daemon: nothing waits for it."""
+    def close(self, wait_s: float = 5.0) -> None:
+        """Stop receiving, then stop the workers. The thread is let finish the batch it is reading first (its
+        workers deliver it, usually within ms), and ends on seeing the stop: shut down under it, torch's
+        iterator would wait for that batch until loader.timeout_s, or for ever. A worker that takes longer
+        than `wait_s` is stopped anyway, and the thread, a daemon, is left to end when torch gives up."""
         self._stopping.set()
+        self._thread.join(wait_s)
         _stop_workers(self.loader)
-        self._thread.join(join_s)
 
 
 class BatchSource:
@@ -341,16 +349,17 @@ class BatchSource:
         """A loader iterator from `start_step`, its workers forked with the stop signals blocked: a signal in
         the moment between a worker's fork and its ignore_stop_signals would otherwise kill it (seen in
         tests). The rank's own copy of such a signal stays pending while blocked and is handled right after.
-        The workers are forked before the receiving thread starts (and after the last one ended): a fork
-        copies no other thread, and no lock one held."""
+        The receiving thread starts with them blocked too, and keeps them so: a stop signal is the training
+        thread's to hear at once, not after the batch it waits for arrives. The workers are forked before
+        that thread starts, and after the last one ended (close())."""
         self.close()
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, self.stop_signals)
         try:
             loader = iter(self._make_loader(start_step))
+            _STARTED.add(loader)
+            return BackgroundReceiver(loader, depth=self.micro_batches, count=len(loader))
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        _STARTED.add(loader)
-        return BackgroundReceiver(loader, depth=self.micro_batches, count=len(loader))
 
     def close(self) -> None:
         """Stop the workers (if any) now, even if something else (a traceback) still holds the iterator."""
