@@ -351,7 +351,7 @@ class BatchSource:
         tests). The rank's own copy of such a signal stays pending while blocked and is handled right after.
         The receiving thread starts with them blocked too, and keeps them so: a stop signal is the training
         thread's to hear at once, not after the batch it waits for arrives. The workers are forked before
-        that thread starts, and after the last one ended (close())."""
+        that thread starts, and after close() let the last one end (unless its worker hung past close's wait)."""
         self.close()
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, self.stop_signals)
         try:
