@@ -6,11 +6,15 @@ failure, for displays that must show what they can). Slurm's job state names liv
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import subprocess
+import time
 
 from hpcml.errors import SubmissionError
+
+log = logging.getLogger(__name__)
 
 # States after which a job (or array task) will not run again by itself.
 TERMINAL_STATES = frozenset(
@@ -22,6 +26,9 @@ ACTIVE_STATES = frozenset(
 )
 # States of a job that Slurm is putting back in the queue, or already has.
 REQUEUED_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "PREEMPTED"})
+# How long to wait for accounting to record how a COMPLETING job ended; Slurm kills it KillWait (30 s by
+# default) after its TERM.
+ACCOUNTING_WAIT_S = 20.0
 
 
 def run(cmd: list[str]) -> str:
@@ -47,11 +54,15 @@ def query(cmd: list[str]) -> str:
         return ""
 
 
-def job_state(job_id: str) -> str | None:
+def job_state(job_id: str, accounting_wait_s: float = ACCOUNTING_WAIT_S) -> str | None:
     """The job's state (CANCELLED, TIMEOUT, RUNNING, PENDING, ...); None when Slurm does not answer.
 
-    While a cancelled or timed-out job's steps are still ending, scontrol says only COMPLETING (and squeue
-    no longer lists it); accounting already has the real state then."""
+    While a cancelled, timed-out or requeued job's processes are still ending, scontrol says only
+    COMPLETING. Accounting has the real state, once slurmdbd has recorded it: on a loaded machine sacct
+    still said RUNNING 15 s after a `scancel`, and `scontrol requeue` of that cancelled job would have
+    brought it back. So wait up to `accounting_wait_s` for the record of this attempt (the one whose start
+    scontrol shows); past that, say COMPLETING. A job requeued while its processes end shows the next
+    attempt's expected start and EndTime=Unknown (measured): that is REQUEUED, whatever accounting says."""
     try:
         text = run(["scontrol", "show", "job", "-o", job_id])
     except (SubmissionError, subprocess.TimeoutExpired):
@@ -59,8 +70,27 @@ def job_state(job_id: str) -> str | None:
     found = re.search(r"\bJobState=([A-Z_]+)", text)
     if found is None:
         return None
-    if found.group(1) == "COMPLETING":
-        accounted = query(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"]).split()
-        if accounted:
-            return accounted[0]  # "CANCELLED by 0" -> CANCELLED
-    return found.group(1)
+    if found.group(1) != "COMPLETING":
+        return found.group(1)
+    if re.search(r"\bEndTime=Unknown\b", text):
+        return "REQUEUED"
+    started = re.search(r"\bStartTime=(\S+)", text)
+    deadline = time.monotonic() + accounting_wait_s
+    while True:
+        recorded = attempt_state(job_id, started.group(1) if started else None)
+        if recorded not in (None, "RUNNING"):
+            return recorded
+        if time.monotonic() >= deadline:
+            log.warning("job %s is ending, but accounting had not recorded why after %.0f s", job_id, accounting_wait_s)
+            return "COMPLETING"
+        time.sleep(0.5)
+
+
+def attempt_state(job_id: str, started: str | None) -> str | None:
+    """The state accounting recorded for the attempt of the job that started at `started` (scontrol's
+    StartTime); None while it has no record of that start."""
+    for line in query(["sacct", "-X", "-D", "-n", "-P", "-j", job_id, "-o", "Start,State"]).splitlines():
+        start, _, state = line.partition("|")
+        if state and start == started:
+            return state.split()[0]  # "CANCELLED by 0" -> CANCELLED
+    return None

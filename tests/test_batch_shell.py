@@ -48,14 +48,21 @@ esac
 SCONTROL = r"""#!/bin/bash
 [ "$2" = hostnames ] && { echo "$3" | tr ',' '\n'; exit 0; }
 echo "$*" >> "$WORK/scontrol"
-[ "$1" = show ] && echo "JobId=7 JobState=${JOB_STATE:-RUNNING} Reason=None ExcNodeList=${EXCLUDED:-(null)}"
+[ "$1" = show ] && echo "JobId=7 JobState=${JOB_STATE:-RUNNING} Reason=None StartTime=2026-11-30T10:44:25 EndTime=${END_TIME:-2026-11-30T10:45:00} ExcNodeList=${EXCLUDED:-(null)}"
 exit 0
 """
 SINFO = r"""#!/bin/bash
 printf '%s\n' n1 n2 n1
 """
+# Accounting's record of each attempt, by start time (this one started at 10:44:25, after a requeue). For its
+# first ACCT_UNRECORDED calls it has no record of this attempt, for the next ACCT_LAG it says RUNNING (slurmdbd
+# has not recorded the start, then the end, yet); then ACCT_STATE.
 SACCT = r"""#!/bin/bash
-echo "${ACCT_STATE:-RUNNING}"
+n=$(( $(cat "$WORK/sacct_calls" 2>/dev/null || echo 0) + 1 )); echo $n > "$WORK/sacct_calls"
+echo "2026-11-30T10:40:00|REQUEUED"
+[ "$n" -le "${ACCT_UNRECORDED:-0}" ] && exit 0
+[ "$n" -le "$(( ${ACCT_UNRECORDED:-0} + ${ACCT_LAG:-0} ))" ] && state=RUNNING || state=${ACCT_STATE:-RUNNING}
+echo "2026-11-30T10:44:25|$state"
 """
 
 
@@ -204,13 +211,28 @@ def test_a_term_to_the_shell_reaches_the_step_as_the_stop_signal(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "state, accounted, requeued",
-    [("RUNNING", "RUNNING", True), ("COMPLETING", "CANCELLED by 0", False), ("COMPLETING", "TIMEOUT", True)],
+    "state, accounted, unrecorded, lag, requeued",
+    [
+        ("RUNNING", "RUNNING", 0, 0, True),
+        ("COMPLETING", "CANCELLED by 0", 0, 0, False),
+        ("COMPLETING", "CANCELLED by 0", 2, 2, False),  # accounting records the cancel only at its 5th look
+        ("COMPLETING", "TIMEOUT", 0, 0, True),
+    ],
 )
-def test_a_stop_that_killed_starting_ranks_requeues_unless_cancelled(tmp_path, state, accounted, requeued):
+def test_a_stop_that_killed_starting_ranks_requeues_unless_cancelled(
+    tmp_path, state, accounted, unrecorded, lag, requeued
+):
     # The step "dies of" the forwarded signal before forming its world: exit 140 (USR2) with no mark.
     dies_of_it = STEP.replace("exit 3' USR2", "exit 140' USR2")
-    proc, work = run_step(tmp_path, dies_of_it, FATE_1="wait", JOB_STATE=state, ACCT_STATE=accounted)
+    proc, work = run_step(
+        tmp_path,
+        dies_of_it,
+        FATE_1="wait",
+        JOB_STATE=state,
+        ACCT_STATE=accounted,
+        ACCT_UNRECORDED=str(unrecorded),
+        ACCT_LAG=str(lag),
+    )
     wait_for(work / "waiting")
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(30)
@@ -218,3 +240,31 @@ def test_a_stop_that_killed_starting_ranks_requeues_unless_cancelled(tmp_path, s
     assert launches(work) == 1  # never relaunched while a stop is pending
     assert ("requeue 7" in calls) is requeued
     assert code == (3 if requeued else 140)
+
+
+def test_a_stop_while_accounting_never_records_the_end_requeues_after_the_wait(tmp_path):
+    """COMPLETING, and accounting still says RUNNING after HPCML_ACCOUNTING_WAIT_S: the shell says so, and
+    requeues (a preempted job must come back; a cancelled one can be cancelled again)."""
+    dies_of_it = STEP.replace("exit 3' USR2", "exit 140' USR2")
+    proc, work = run_step(
+        tmp_path, dies_of_it, FATE_1="wait", JOB_STATE="COMPLETING", ACCT_LAG="1000", HPCML_ACCOUNTING_WAIT_S="1"
+    )
+    wait_for(work / "waiting")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 3
+    assert "accounting had not recorded why after 1 s" in proc.stderr.read()
+    assert int((work / "sacct_calls").read_text()) == 2  # every half second for the wait
+    assert "requeue 7" in (work / "scontrol").read_text().splitlines()
+
+
+def test_a_stop_after_the_job_was_requeued_needs_no_accounting(tmp_path):
+    """COMPLETING with EndTime=Unknown: requeued while its processes end (measured), so accounting, however
+    far behind, is not waited for."""
+    dies_of_it = STEP.replace("exit 3' USR2", "exit 140' USR2")
+    proc, work = run_step(
+        tmp_path, dies_of_it, FATE_1="wait", JOB_STATE="COMPLETING", END_TIME="Unknown", ACCT_LAG="1000"
+    )
+    wait_for(work / "waiting")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 3
+    assert not (work / "sacct_calls").exists()

@@ -139,14 +139,61 @@ def test_a_cancelled_job_is_never_requeued(monkeypatch, slurm_calls):
     assert slurm_calls == []
 
 
+def accounting_that_lags(monkeypatch, answers: list[str], ended: str = "2026-11-30T10:45:00") -> list[float]:
+    """scontrol says COMPLETING for the attempt that started at 10:44:25; sacct gives `answers` in turn (the
+    last one for ever). Sleeping only moves a fake clock on; returns the sleeps."""
+    from hpcml import slurm_commands
+
+    scontrol = f"JobId=42 JobState=COMPLETING Reason=None StartTime=2026-11-30T10:44:25 EndTime={ended}\n"
+    monkeypatch.setattr(slurm_commands, "run", lambda cmd: scontrol)
+    looks = iter(answers)
+    monkeypatch.setattr(slurm_commands, "query", lambda cmd: next(looks, answers[-1]))
+    sleeps: list[float] = []
+    clock = [0.0]
+    monkeypatch.setattr(slurm_commands.time, "monotonic", lambda: clock[0])
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr(slurm_commands.time, "sleep", sleep)
+    return sleeps
+
+
 def test_a_job_state_hidden_behind_completing_is_read_from_accounting(monkeypatch):
     from hpcml import slurm_commands
 
-    monkeypatch.setattr(slurm_commands, "run", lambda cmd: "JobId=42 JobState=COMPLETING Reason=None\n")
-    monkeypatch.setattr(slurm_commands, "query", lambda cmd: "CANCELLED by 0\n")
-    assert slurm_job.state("42") == "CANCELLED"
+    sleeps = accounting_that_lags(monkeypatch, ["2026-11-30T10:44:25|CANCELLED by 0\n"])
+    assert slurm_job.state("42") == "CANCELLED" and sleeps == []
     monkeypatch.setattr(slurm_commands, "run", lambda cmd: "JobId=42 JobState=RUNNING Reason=None\n")
     assert slurm_job.state("42") == "RUNNING"
+
+
+def test_accounting_that_has_not_recorded_the_end_yet_is_waited_for(monkeypatch):
+    """Measured in CI: sacct said RUNNING 15 s after a `scancel`. Read then, the job looked running, and
+    rank 0 (or the study driver) would have requeued the cancelled job: Slurm accepts that and brings it back.
+    The record is this attempt's, found by its start: the earlier attempt's REQUEUED is not the answer."""
+    earlier = "2026-11-30T10:40:00|REQUEUED\n"
+    sleeps = accounting_that_lags(
+        monkeypatch,
+        [earlier, earlier + "2026-11-30T10:44:25|RUNNING\n", earlier + "2026-11-30T10:44:25|CANCELLED by 0\n"],
+    )
+    assert slurm_job.state("42") == "CANCELLED"
+    assert sleeps == [0.5, 0.5]
+
+
+def test_accounting_silent_past_the_wait_leaves_the_state_completing(monkeypatch, caplog):
+    from hpcml import slurm_commands
+
+    sleeps = accounting_that_lags(monkeypatch, ["2026-11-30T10:44:25|RUNNING\n"])
+    assert slurm_commands.job_state("42", accounting_wait_s=3) == "COMPLETING"
+    assert sum(sleeps) == 3
+    assert "accounting had not recorded why after 3 s" in caplog.text
+
+
+def test_a_job_requeued_while_its_processes_end_is_requeued_whatever_accounting_says(monkeypatch):
+    sleeps = accounting_that_lags(monkeypatch, ["2026-11-30T10:44:25|RUNNING\n"], ended="Unknown")
+    assert slurm_job.state("42") == "REQUEUED" and sleeps == []
 
 
 def test_signals_after_the_run_are_ignored_not_fatal():

@@ -96,14 +96,35 @@ hpcml_run_step() {
   return "$rc"
 }
 
+# This job's state. While a cancelled, timed-out or requeued job's processes are ending, scontrol says only
+# COMPLETING; accounting has the real state once slurmdbd recorded it, which took over 15 s on a loaded machine
+# (hpcml.slurm_commands.job_state, the same wait for rank 0): wait up to HPCML_ACCOUNTING_WAIT_S (20) seconds
+# for the record of this attempt, the one that started at scontrol's StartTime. A job requeued while its
+# processes end shows the next attempt's start and EndTime=Unknown: REQUEUED.
+hpcml_job_state() {
+  local show state started recorded tries=0
+  show=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null || true)
+  state=$(grep -o 'JobState=[A-Z_]*' <<<"$show" | cut -d= -f2 || true)
+  [ "$state" = COMPLETING ] || { echo "$state"; return 0; }
+  grep -q 'EndTime=Unknown' <<<"$show" && { echo REQUEUED; return 0; }
+  started=$(grep -o 'StartTime=[^ ]*' <<<"$show" | cut -d= -f2 || true)
+  while [ "$tries" -lt $((2 * ${HPCML_ACCOUNTING_WAIT_S:-20})) ]; do
+    recorded=$(sacct -X -D -n -P -j "$SLURM_JOB_ID" -o Start,State 2>/dev/null |
+      awk -F'|' -v start="$started" '$1 == start { split($2, word, " "); state = word[1] } END { print state }' || true)
+    case "$recorded" in
+      "" | RUNNING) sleep 0.5; tries=$((tries + 1)) ;;
+      *) echo "$recorded"; return 0 ;;
+    esac
+  done
+  echo "hpcml: job $SLURM_JOB_ID is ending, but accounting had not recorded why after ${HPCML_ACCOUNTING_WAIT_S:-20} s" >&2
+  echo COMPLETING
+}
+
 # A stop reached ranks that had not yet installed their handlers, and they died of it: nothing was trained
 # in this attempt, so requeue the job as rank 0 would have, unless Slurm is cancelling it.
 hpcml_requeue_after_early_stop() {
   local state
-  state=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2 || true)
-  if [ "$state" = COMPLETING ]; then  # a cancelled job's steps are still ending; accounting knows why
-    state=$(sacct -X -n -P -j "$SLURM_JOB_ID" -o State 2>/dev/null | head -n 1 | cut -d' ' -f1 || true)
-  fi
+  state=$(hpcml_job_state)
   if [ "$state" = CANCELLED ] || [ "${SLURM_RESTART_COUNT:-0}" -ge "${HPCML_MAX_REQUEUES:-0}" ]; then
     echo "hpcml: stopped while starting; not requeued ($state, restart ${SLURM_RESTART_COUNT:-0} of ${HPCML_MAX_REQUEUES:-0})" >&2
     return 1
