@@ -40,3 +40,20 @@ def test_a_vanished_peer_is_recognised_through_the_exception_chain(exc):
 )
 def test_the_jobs_own_errors_are_not_a_lost_peer(exc):
     assert not lost_a_peer(exc)
+
+
+@pytest.mark.parametrize("lost_peer", [True, False])
+def test_a_rank_that_lost_a_peer_lets_the_launcher_report_it_before_aborting(monkeypatch, lost_peer):
+    """The launcher reports only the first rank to end; the batch shell migrates on a report of ranks killed
+    on a node. A survivor aborting at once can be reported first (seen in CI), so it waits; the job's own
+    error is marked as such and aborts at once."""
+    from hpcml.compute import runtime
+
+    events: list[str] = []
+    monkeypatch.setattr(runtime.time, "sleep", lambda s: events.append(f"sleep {s:g}"))
+    monkeypatch.setattr(runtime.mpi, "abort_if_running", lambda code: events.append(f"abort {code}"))
+    monkeypatch.setattr(runtime.step_record, "mark_user_error", lambda: events.append("user error"))
+    exc = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer") if lost_peer else KeyError("w")
+    runtime.end_all_ranks(2, exc)
+    grace = f"sleep {runtime.PEER_LOSS_GRACE_S:g}"
+    assert events == ([grace, "abort 1"] if lost_peer else ["user error", "abort 1"])

@@ -63,11 +63,18 @@ def configure_logging(rank: int, output_dir: Path | None = None) -> None:
 def end_all_ranks(rank: int, exc: BaseException) -> None:
     """Log this rank's traceback where the job log shows it, then take the whole job down. Unless the error
     is a peer's disappearance, the batch shell is told it is the job's own: it must fail, never migrate."""
-    if not lost_a_peer(exc):
+    peer_lost = lost_a_peer(exc)
+    if not peer_lost:
         step_record.mark_user_error()
     text = "".join(traceback.format_exception(exc))
     sys.stderr.write("".join(f"[rank {rank}] {line}\n" for line in text.rstrip().splitlines()))
     sys.stderr.flush()
+    if peer_lost:
+        # The launcher reports only the first rank to end, and the batch shell moves the job off a node only
+        # when that report names ranks killed there. An abort reported first hides it: seen in CI, where a
+        # survivor's MPI_ABORT beat mpirun's notice of the SIGKILL and the job failed instead of moving.
+        # A launcher that saw the death ends this rank during the wait.
+        time.sleep(PEER_LOSS_GRACE_S)
     mpi.abort_if_running(EXIT_FAILED)
 
 
@@ -75,6 +82,10 @@ def end_all_ranks(rank: int, exc: BaseException) -> None:
 # job's own code uses: an error of gloo's TCP transport (a closed or reset connection), NCCL's report of a
 # remote rank's end.
 PEER_LOST_MESSAGES = ("gloo/transport/tcp", "Connection closed by peer", "ncclRemoteError", "remote process exited")
+
+
+# How long a rank that lost a peer leaves the launcher to report that peer's end before aborting the job.
+PEER_LOSS_GRACE_S = 10.0
 
 
 def lost_a_peer(exc: BaseException) -> bool:
