@@ -24,6 +24,7 @@
 #   HPCML_MIN_NODES            the fewest nodes the job can run on (cluster.min_nodes, else cluster.nodes;
 #                              sbatch/train.sbatch: this attempt's count unless set): a migration that would
 #                              leave the partition fewer healthy nodes fails instead
+#   HPCML_ACCOUNTING_WAIT_S    how long to wait for accounting to record why a COMPLETING job ended (20)
 
 hpcml_run_step() {
   local stop=${HPCML_STOP_SIGNAL:-USR2} max_retries=${HPCML_STARTUP_RETRIES_MAX:-2}
