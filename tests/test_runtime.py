@@ -1,5 +1,10 @@
 """What a rank's failure tells the batch shell: a peer that vanished, or the job's own error."""
 
+import os
+import signal
+import threading
+import time
+
 import pytest
 import torch.distributed as dist
 
@@ -50,10 +55,27 @@ def test_a_rank_that_lost_a_peer_lets_the_launcher_report_it_before_aborting(mon
     from hpcml.compute import runtime
 
     events: list[str] = []
-    monkeypatch.setattr(runtime.time, "sleep", lambda s: events.append(f"sleep {s:g}"))
+    monkeypatch.setattr(runtime, "wait_for_the_launcher", lambda s: events.append(f"wait {s:g}"))
     monkeypatch.setattr(runtime.mpi, "abort_if_running", lambda code: events.append(f"abort {code}"))
     monkeypatch.setattr(runtime.step_record, "mark_user_error", lambda: events.append("user error"))
     exc = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer") if lost_peer else KeyError("w")
     runtime.end_all_ranks(2, exc)
-    grace = f"sleep {runtime.PEER_LOSS_GRACE_S:g}"
+    grace = f"wait {runtime.PEER_LOSS_GRACE_S:g}"
     assert events == ([grace, "abort 1"] if lost_peer else ["user error", "abort 1"])
+    events.clear()
+    runtime.end_all_ranks(2, exc, stop_heard=True)  # the launcher is ending the step: it has reported
+    assert events == (["abort 1"] if lost_peer else ["user error", "abort 1"])
+
+
+def test_the_wait_for_the_launcher_ends_at_its_term():
+    from hpcml.compute import runtime
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    started = time.monotonic()
+    runtime.wait_for_the_launcher(20)
+    assert time.monotonic() - started < 5
+    assert signal.getsignal(signal.SIGTERM) is before
+    started = time.monotonic()
+    runtime.wait_for_the_launcher(0.2)  # no TERM: the whole wait
+    assert time.monotonic() - started >= 0.2

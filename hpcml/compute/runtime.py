@@ -12,7 +12,9 @@ import gc
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -60,22 +62,34 @@ def configure_logging(rank: int, output_dir: Path | None = None) -> None:
     root.setLevel(logging.INFO)
 
 
-def end_all_ranks(rank: int, exc: BaseException) -> None:
+def end_all_ranks(rank: int, exc: BaseException, stop_heard: bool = False) -> None:
     """Log this rank's traceback where the job log shows it, then take the whole job down. Unless the error
-    is a peer's disappearance, the batch shell is told it is the job's own: it must fail, never migrate."""
+    is a peer's disappearance, the batch shell is told it is the job's own: it must fail, never migrate.
+    `stop_heard`: a TERM (or the stop signal) came already, as a launcher ending the step sends it."""
     peer_lost = lost_a_peer(exc)
     if not peer_lost:
         step_record.mark_user_error()
     text = "".join(traceback.format_exception(exc))
     sys.stderr.write("".join(f"[rank {rank}] {line}\n" for line in text.rstrip().splitlines()))
     sys.stderr.flush()
-    if peer_lost:
+    if peer_lost and not stop_heard:
         # The launcher reports only the first rank to end, and the batch shell moves the job off a node only
         # when that report names ranks killed there. An abort reported first hides it: seen in CI, where a
         # survivor's MPI_ABORT beat mpirun's notice of the SIGKILL and the job failed instead of moving.
-        # A launcher that saw the death ends this rank during the wait.
-        time.sleep(PEER_LOSS_GRACE_S)
+        wait_for_the_launcher(PEER_LOSS_GRACE_S)
     mpi.abort_if_running(EXIT_FAILED)
+
+
+def wait_for_the_launcher(seconds: float) -> None:
+    """Up to `seconds`, or until a TERM: a launcher that saw a rank die ends the others with one (srun,
+    mpirun), after its report. Ending this rank takes longer than that when its TERM is handled (by hpcml,
+    earlier, or by submitit, which ignores it)."""
+    heard = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: heard.set())
+    try:
+        heard.wait(seconds)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # What a collective raises when a peer process vanished (killed, or its node gone), in words no error of the
@@ -224,7 +238,7 @@ def run_training(cfg: TrainJobConfig) -> int:
     except BaseException as exc:
         # No orderly teardown here: peers may be blocked in a collective, and destroying the process
         # group could wait on them. Aborting ends every rank at once.
-        end_all_ranks(rank, exc)
+        end_all_ranks(rank, exc, stop_heard=guard.received is not None)
         raise
     # The finished trainer's DDP holds the process group through reference cycles; free it now, while gloo's
     # worker threads can still take the GIL, not in the collector's last pass at interpreter exit.
