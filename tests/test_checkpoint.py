@@ -340,9 +340,56 @@ def test_a_failed_asynchronous_sharded_save_is_raised_on_the_training_thread_onc
         writer.wait()
     writer.wait()  # raised once
     submit(writer, 4)
-    writer.wait()
+    writer.close()  # committed, and the failed save's partial folder pruned
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step-4"]
 
     (tmp_path / "a-file").write_text("")
     with pytest.raises(OSError):
         submit(sharded.ShardedCheckpointWriter(tmp_path / "a-file", 1, asynchronous=True, ctx=process_group), 5)
+
+
+@pytest.mark.parametrize("layout", ["replicated", "sharded"])
+def test_old_checkpoints_are_deleted_on_a_thread_the_next_save_and_close_wait_for(
+    layout, tmp_path, monkeypatch, request
+):
+    """A synchronous save returns once committed, while the checkpoint it made old is still being deleted;
+    the next save starts only after that deletion (a prune also removes partial folders: the new save's own,
+    were it made first), and close() returns only after it."""
+    from hpcml.compute.checkpoint import layout as folder_layout
+    from hpcml.compute.checkpoint import sharded
+
+    released, pruning = threading.Event(), threading.Event()
+    prune = folder_layout.prune_checkpoints
+
+    def slow_prune(directory, keep_last):
+        pruning.set()
+        assert released.wait(30)
+        prune(directory, keep_last)
+
+    monkeypatch.setattr(folder_layout, "prune_checkpoints", slow_prune)
+    if layout == "replicated":
+        writer = ckpt.CheckpointWriter(tmp_path, keep_last=1, asynchronous=False)
+
+        def save(step: int) -> None:
+            writer.submit(snap(step))
+    else:
+        ctx = request.getfixturevalue("process_group")
+        writer = sharded.ShardedCheckpointWriter(tmp_path, 1, asynchronous=False, ctx=ctx)
+        model = torch.nn.Linear(8, 4)
+        state = sharded.sharded_state(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        header = {"samples_consumed": 0, "global_batch_size": 8, "world_size": 1}
+
+        def save(step: int) -> None:
+            writer.submit(sharded.ShardedSave(step, header, state, {}, ckpt.capture_rng_state()), wait=True)
+
+    save(1)
+    assert pruning.wait(30)  # save(1) returned with its prune under way
+    second = threading.Thread(target=save, args=(2,))
+    second.start()
+    time.sleep(0.5)
+    assert second.is_alive() and not list(tmp_path.glob("*step-2*"))  # waiting for the prune, nothing written
+    released.set()
+    second.join(30)
+    writer.close()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-2"]
+    assert not list(tmp_path.glob(".step-*.partial"))

@@ -145,7 +145,7 @@ def training_loop(directory: Path, loop: TrainingLoop, asynchronous: bool | None
             writer.submit(_snapshot(loop.state(), step, copy=False), stage=bool(asynchronous))
             blocked += time.perf_counter() - submitted
     elapsed = time.perf_counter() - started
-    writer.wait()
+    writer.close()
     return elapsed, blocked
 
 

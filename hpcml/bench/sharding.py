@@ -183,6 +183,9 @@ def measure_saves(v: Variant, ctx, rounds: int, workdir: Path) -> dict:
     size = 0
     for _ in range(rounds):
         for sync, trainer in trainers.items():
+            # Each save of a step of its own, as in training (the same state: no step is trained between). A save
+            # of a step already saved replaces its folder inside the commit, which only a resumed run does.
+            trainer.step += 1
             saves_s[sync].append(timed_save(trainer))
         if ctx.is_main:
             size, disk = disk_for_newest_checkpoint(trainers["fsdp"].checkpoint_dir, workdir)

@@ -150,6 +150,12 @@ class RunCheckpoints:
         self.last_committed = self.sharded_writer.last_committed
         return max(time.perf_counter() - started, self.sharded_writer.last_write_s or 0.0)
 
+    def close(self) -> None:
+        """At the end of the run: the last save is committed, and the checkpoints it made old are deleted."""
+        for writer in (self.writer, self.sharded_writer):
+            if writer is not None:
+                writer.close()
+
     def _before_commit(self, partial: Path) -> None:
         for hook in self.before_commit:
             hook(partial)

@@ -340,6 +340,7 @@ class Trainer:
         try:
             trained = self.train_until_done(metrics)
             if trained.stopped is not StopReason.NONE:
+                self.checkpoints.close()
                 return TrainingOutcome(None, trained.stopped, self.step)
             elapsed = time.perf_counter() - started
             if self.resumed_from != self.step:
@@ -349,6 +350,7 @@ class Trainer:
             evaluated = self.evaluate()
             if evaluated:
                 metrics.write(self.step, evaluated)
+            self.checkpoints.close()  # the old checkpoints were deleted while it evaluated
         finally:
             metrics.close()
             self.batches.close()

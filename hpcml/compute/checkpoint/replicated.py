@@ -28,13 +28,13 @@ import torch
 from hpcml.compute.checkpoint.layout import (
     REPLICATED,
     STATE_FILE,
+    BackgroundPruner,
     CheckpointCorruptError,
     commit,
     file_entry,
     layout_of,
     list_checkpoints,
     partial_dir,
-    prune_checkpoints,
     read_manifest,
     rng_file,
     verify_checkpoint,
@@ -217,6 +217,7 @@ class CheckpointWriter:
         self._staged.set()
         self._staging = StagingArea()
         self._error: BaseException | None = None
+        self._pruner = BackgroundPruner(directory, keep_last)
         self.last_write_s: float | None = None
         self.last_committed: Path | None = None
 
@@ -224,6 +225,7 @@ class CheckpointWriter:
         """Write `snap`. With `stage` (asynchronous writers only) its tensors may still be live: the
         background thread copies them first, and the caller must `wait_staged()` before changing them."""
         self.wait()  # the previous write finishes before the next starts
+        self._pruner.wait()  # and the deletions that followed it (a prune removes partial folders)
         if self.asynchronous:
             self._staged.clear()
             self._thread = threading.Thread(
@@ -255,7 +257,7 @@ class CheckpointWriter:
                 finally:
                     self._staged.set()
             self.last_committed = write_checkpoint(self.directory, snap)
-            prune_checkpoints(self.directory, self.keep_last)
+            self._pruner.start()
         except BaseException as err:  # surfaced on the training thread by wait()
             self._error = err
             return
@@ -265,10 +267,18 @@ class CheckpointWriter:
         log.info("checkpoint %s committed in %.2fs", self.last_committed.name, self.last_write_s)
 
     def wait(self) -> None:
+        """Until the write in flight, if any, is committed; raises (once) what made it fail."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         self._raise_if_failed()
+
+    def close(self) -> None:
+        """Until the last write is committed and the checkpoints it made old are deleted."""
+        try:
+            self.wait()
+        finally:
+            self._pruner.wait()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

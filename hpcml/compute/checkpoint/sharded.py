@@ -42,11 +42,11 @@ from torch.distributed.tensor import DTensor
 from hpcml.compute.checkpoint.layout import (
     SHARDED,
     STATE_FILE,
+    BackgroundPruner,
     CheckpointCorruptError,
     commit,
     file_entry,
     partial_dir,
-    prune_checkpoints,
     rng_file,
 )
 from hpcml.compute.checkpoint.replicated import StagingArea, without_zip_crc32
@@ -178,6 +178,7 @@ class ShardedCheckpointWriter:
         )
         self._shard_staging, self._rest_staging = ShardStaging(pin=ctx.device.type == "cuda"), StagingArea()
         self._pending: Future | None = None
+        self._pruner = BackgroundPruner(directory, keep_last)  # rank 0's
         self.last_committed: Path | None = None
         self.last_write_s: float | None = None
 
@@ -185,6 +186,7 @@ class ShardedCheckpointWriter:
         """Write `save` (every rank calls it at the same step boundary). Inline, or from a copy handed to the
         background thread; `wait` returns only when it is committed."""
         self.wait()  # the previous save is committed (or has failed) before the next starts
+        self._pruner.wait()  # and the deletions that followed it (a prune removes partial folders)
         started = time.perf_counter()
         partial = partial_dir(self.directory, save.step)
         if self.ctx.is_main:  # here, not on the thread: a folder that cannot be made fails this save, at once
@@ -245,7 +247,7 @@ class ShardedCheckpointWriter:
                 for name, obj in contents.items():
                     files[name] = file_entry(write_hashed(partial / name, lambda f, obj=obj: torch.save(obj, f)))
             self.last_committed = commit(partial, save.step, {"layout": SHARDED, **save.header}, files)
-            prune_checkpoints(self.directory, self.keep_last)
+            self._pruner.start()
             self.last_write_s = time.perf_counter() - started
             log.info("checkpoint %s committed in %.2fs (sharded)", self.last_committed.name, self.last_write_s)
         self._barrier()  # no rank goes on believing a save done that rank 0 could not commit
@@ -263,6 +265,13 @@ class ShardedCheckpointWriter:
         self._pending = None
         if err is not None:
             raise HpcmlError(f"writing a sharded checkpoint to {self.directory} failed: {err}") from err
+
+    def close(self) -> None:
+        """Until the last save is committed and the checkpoints it made old are deleted."""
+        try:
+            self.wait()
+        finally:
+            self._pruner.wait()
 
 
 def load_sharded_into(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
