@@ -26,8 +26,9 @@ ACTIVE_STATES = frozenset(
 )
 # States of a job that Slurm is putting back in the queue, or already has.
 REQUEUED_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "PREEMPTED"})
-# How long to wait for accounting to record how a COMPLETING job ended; Slurm kills it KillWait (30 s by
-# default) after its TERM.
+# How long to wait for accounting to record how a COMPLETING job ended. Slurm kills the job KillWait (30 s by
+# default) after its TERM, and rank 0 asks only after its save: a TERM at the time limit itself could leave too
+# little time to requeue, but hpcml stops and requeues ahead of the limit, from the job's end time.
 ACCOUNTING_WAIT_S = 20.0
 
 
@@ -77,7 +78,11 @@ def job_state(job_id: str, accounting_wait_s: float = ACCOUNTING_WAIT_S) -> str 
     started = re.search(r"\bStartTime=(\S+)", text)
     deadline = time.monotonic() + accounting_wait_s
     while True:
-        recorded = attempt_state(job_id, started.group(1) if started else None)
+        try:
+            recorded = attempt_state(job_id, started.group(1) if started else None)
+        except (SubmissionError, subprocess.TimeoutExpired) as err:  # a site without accounting: nothing to wait for
+            log.warning("job %s is ending, and accounting cannot say why: %s", job_id, err)
+            return "COMPLETING"
         if recorded not in (None, "RUNNING"):
             return recorded
         if time.monotonic() >= deadline:
@@ -88,9 +93,10 @@ def job_state(job_id: str, accounting_wait_s: float = ACCOUNTING_WAIT_S) -> str 
 
 def attempt_state(job_id: str, started: str | None) -> str | None:
     """The state accounting recorded for the attempt of the job that started at `started` (scontrol's
-    StartTime); None while it has no record of that start."""
-    for line in query(["sacct", "-X", "-D", "-n", "-P", "-j", job_id, "-o", "Start,State"]).splitlines():
+    StartTime); None while it has no record of that start. SubmissionError when sacct fails."""
+    recorded = None
+    for line in run(["sacct", "-X", "-D", "-n", "-P", "-j", job_id, "-o", "Start,State"]).splitlines():
         start, _, state = line.partition("|")
         if state and start == started:
-            return state.split()[0]  # "CANCELLED by 0" -> CANCELLED
-    return None
+            recorded = state.split()[0]  # "CANCELLED by 0" -> CANCELLED; the last such line, as the shell takes
+    return recorded

@@ -139,15 +139,25 @@ def test_a_cancelled_job_is_never_requeued(monkeypatch, slurm_calls):
     assert slurm_calls == []
 
 
-def accounting_that_lags(monkeypatch, answers: list[str], ended: str = "2026-11-30T10:45:00") -> list[float]:
+def accounting_that_lags(
+    monkeypatch, answers: list[str | Exception], ended: str = "2026-11-30T10:45:00"
+) -> list[float]:
     """scontrol says COMPLETING for the attempt that started at 10:44:25; sacct gives `answers` in turn (the
     last one for ever). Sleeping only moves a fake clock on; returns the sleeps."""
     from hpcml import slurm_commands
 
     scontrol = f"JobId=42 JobState=COMPLETING Reason=None StartTime=2026-11-30T10:44:25 EndTime={ended}\n"
-    monkeypatch.setattr(slurm_commands, "run", lambda cmd: scontrol)
     looks = iter(answers)
-    monkeypatch.setattr(slurm_commands, "query", lambda cmd: next(looks, answers[-1]))
+
+    def run(cmd: list[str]) -> str:
+        if cmd[0] == "sacct":
+            answer = next(looks, answers[-1])
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+        return scontrol
+
+    monkeypatch.setattr(slurm_commands, "run", run)
     sleeps: list[float] = []
     clock = [0.0]
     monkeypatch.setattr(slurm_commands.time, "monotonic", lambda: clock[0])
@@ -189,6 +199,14 @@ def test_accounting_silent_past_the_wait_leaves_the_state_completing(monkeypatch
     assert slurm_commands.job_state("42", accounting_wait_s=3) == "COMPLETING"
     assert sum(sleeps) == 3
     assert "accounting had not recorded why after 3 s" in caplog.text
+
+
+def test_a_cluster_without_accounting_is_not_waited_for(monkeypatch):
+    from hpcml.errors import SubmissionError
+
+    disabled = SubmissionError("`sacct ...` failed: Slurm accounting storage is disabled")
+    sleeps = accounting_that_lags(monkeypatch, [disabled])
+    assert slurm_job.state("42") == "COMPLETING" and sleeps == []
 
 
 def test_a_job_requeued_while_its_processes_end_is_requeued_whatever_accounting_says(monkeypatch):

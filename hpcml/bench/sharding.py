@@ -150,6 +150,8 @@ def measure(v: Variant, ctx, budget_s: float, rounds: int, workdir: Path, kept: 
         if ctx.is_main:  # the disk's own speed for as many bytes as the sharded checkpoint holds
             size, disk = disk_for_newest_checkpoint(trainers["fsdp"].checkpoint_dir, workdir)
             disk_s.append(disk)
+    for t in [*trainers.values(), asynchronous]:
+        t.checkpoints.close()  # the last prune too
     dist.barrier()  # every rank's last save is done before rank 0 clears the folders
     if ctx.is_main:
         (workdir / "disk-baseline.bin").unlink(missing_ok=True)
@@ -190,6 +192,8 @@ def measure_saves(v: Variant, ctx, rounds: int, workdir: Path) -> dict:
         if ctx.is_main:
             size, disk = disk_for_newest_checkpoint(trainers["fsdp"].checkpoint_dir, workdir)
             disk_s.append(disk)
+    for trainer in trainers.values():
+        trainer.checkpoints.close()
     dist.barrier()
     if ctx.is_main:
         (workdir / "disk-baseline.bin").unlink(missing_ok=True)

@@ -24,7 +24,7 @@
 #   HPCML_MIN_NODES            the fewest nodes the job can run on (cluster.min_nodes, else cluster.nodes;
 #                              sbatch/train.sbatch: this attempt's count unless set): a migration that would
 #                              leave the partition fewer healthy nodes fails instead
-#   HPCML_ACCOUNTING_WAIT_S    how long to wait for accounting to record why a COMPLETING job ended (20)
+#   HPCML_ACCOUNTING_WAIT_S    whole seconds to wait for accounting to record why a COMPLETING job ended (20)
 
 hpcml_run_step() {
   local stop=${HPCML_STOP_SIGNAL:-USR2} max_retries=${HPCML_STARTUP_RETRIES_MAX:-2}
@@ -103,21 +103,22 @@ hpcml_run_step() {
 # for the record of this attempt, the one that started at scontrol's StartTime. A job requeued while its
 # processes end shows the next attempt's start and EndTime=Unknown: REQUEUED.
 hpcml_job_state() {
-  local show state started recorded tries=0
+  local show state started out recorded deadline=$((SECONDS + ${HPCML_ACCOUNTING_WAIT_S:-20}))
   show=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null || true)
   state=$(grep -o 'JobState=[A-Z_]*' <<<"$show" | cut -d= -f2 || true)
   [ "$state" = COMPLETING ] || { echo "$state"; return 0; }
   grep -q 'EndTime=Unknown' <<<"$show" && { echo REQUEUED; return 0; }
   started=$(grep -o 'StartTime=[^ ]*' <<<"$show" | cut -d= -f2 || true)
-  while [ "$tries" -lt $((2 * ${HPCML_ACCOUNTING_WAIT_S:-20})) ]; do
-    recorded=$(sacct -X -D -n -P -j "$SLURM_JOB_ID" -o Start,State 2>/dev/null |
-      awk -F'|' -v start="$started" '$1 == start { split($2, word, " "); state = word[1] } END { print state }' || true)
+  while :; do
+    # No sacct, or one that fails (a site without accounting): there is nothing to wait for.
+    out=$(timeout 10 sacct -X -D -n -P -j "$SLURM_JOB_ID" -o Start,State 2>/dev/null) || break
+    recorded=$(awk -F'|' -v start="$started" '$1 == start { split($2, word, " "); state = word[1] } END { print state }' <<<"$out")
     case "$recorded" in
-      "" | RUNNING) sleep 0.5; tries=$((tries + 1)) ;;
+      "" | RUNNING) [ "$SECONDS" -lt "$deadline" ] || break; sleep 0.5 ;;
       *) echo "$recorded"; return 0 ;;
     esac
   done
-  echo "hpcml: job $SLURM_JOB_ID is ending, but accounting had not recorded why after ${HPCML_ACCOUNTING_WAIT_S:-20} s" >&2
+  echo "hpcml: job $SLURM_JOB_ID is ending, but accounting did not say why (waited up to ${HPCML_ACCOUNTING_WAIT_S:-20} s)" >&2
   echo COMPLETING
 }
 
@@ -129,6 +130,10 @@ hpcml_requeue_after_early_stop() {
   if [ "$state" = CANCELLED ] || [ "${SLURM_RESTART_COUNT:-0}" -ge "${HPCML_MAX_REQUEUES:-0}" ]; then
     echo "hpcml: stopped while starting; not requeued ($state, restart ${SLURM_RESTART_COUNT:-0} of ${HPCML_MAX_REQUEUES:-0})" >&2
     return 1
+  fi
+  if [ "$state" = REQUEUED ] || [ "$state" = PENDING ]; then  # `scontrol requeue` would be refused
+    echo "hpcml: stopped while starting; Slurm is requeueing job $SLURM_JOB_ID already" >&2
+    return 0
   fi
   echo "hpcml: stopped while starting; requeueing job $SLURM_JOB_ID" >&2
   scontrol requeue "$SLURM_JOB_ID"

@@ -49,10 +49,12 @@ class PreemptionGuard:
     def __init__(self, signals: list[signal.Signals]):
         self.signals = list(dict.fromkeys(signals))
         self.received: signal.Signals | None = None
+        self.heard: set[signal.Signals] = set()  # every signal that came, the first one too
         self._previous: dict[signal.Signals, object] = {}
         self._ignoring = False
 
     def _handle(self, signum: int, frame) -> None:
+        self.heard.add(signal.Signals(signum))
         if self.received is None:
             self.received = signal.Signals(signum)
 

@@ -17,11 +17,12 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
 
-from hpcml.compute import mpi, slurm_job, step_record
+from hpcml.compute import early_signals, mpi, slurm_job, step_record
 from hpcml.compute.dist import DistributedContext, broadcast_from_rank0, setup_distributed, teardown_distributed
 from hpcml.compute.drills import crash_if_drilled, install_fault_drills
 from hpcml.compute.env import detect_environment
@@ -62,34 +63,38 @@ def configure_logging(rank: int, output_dir: Path | None = None) -> None:
     root.setLevel(logging.INFO)
 
 
-def end_all_ranks(rank: int, exc: BaseException, stop_heard: bool = False) -> None:
+def end_all_ranks(rank: int, exc: BaseException, term_heard: Callable[[], bool] = lambda: False) -> None:
     """Log this rank's traceback where the job log shows it, then take the whole job down. Unless the error
     is a peer's disappearance, the batch shell is told it is the job's own: it must fail, never migrate.
-    `stop_heard`: a TERM (or the stop signal) came already, as a launcher ending the step sends it."""
+    `term_heard`: whether a TERM came already, as a launcher ending the step sends one."""
     peer_lost = lost_a_peer(exc)
     if not peer_lost:
         step_record.mark_user_error()
     text = "".join(traceback.format_exception(exc))
     sys.stderr.write("".join(f"[rank {rank}] {line}\n" for line in text.rstrip().splitlines()))
     sys.stderr.flush()
-    if peer_lost and not stop_heard:
+    if peer_lost:
         # The launcher reports only the first rank to end, and the batch shell moves the job off a node only
         # when that report names ranks killed there. An abort reported first hides it: seen in CI, where a
         # survivor's MPI_ABORT beat mpirun's notice of the SIGKILL and the job failed instead of moving.
-        wait_for_the_launcher(PEER_LOSS_GRACE_S)
+        wait_for_the_launcher(PEER_LOSS_GRACE_S, term_heard)
     mpi.abort_if_running(EXIT_FAILED)
 
 
-def wait_for_the_launcher(seconds: float) -> None:
-    """Up to `seconds`, or until a TERM: a launcher that saw a rank die ends the others with one (srun,
-    mpirun), after its report. Ending this rank takes longer than that when its TERM is handled (by hpcml,
-    earlier, or by submitit, which ignores it)."""
-    heard = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: heard.set())
+def wait_for_the_launcher(seconds: float, term_heard: Callable[[], bool] = lambda: False) -> None:
+    """Up to `seconds`, or until a TERM, now or before (`term_heard`): a launcher that saw a rank die ends the
+    others with one (srun, mpirun), after its report. This rank handles TERM (hpcml's early-signal recorder
+    does, once the guard is gone), so the TERM alone would not end it."""
+    terms: list[int] = []  # appending is all a handler may do: no lock another frame of this thread may hold
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: terms.append(signum)) if on_main_thread else None
     try:
-        heard.wait(seconds)
+        deadline = time.monotonic() + seconds
+        while not terms and not term_heard() and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # What a collective raises when a peer process vanished (killed, or its node gone), in words no error of the
@@ -238,7 +243,10 @@ def run_training(cfg: TrainJobConfig) -> int:
     except BaseException as exc:
         # No orderly teardown here: peers may be blocked in a collective, and destroying the process
         # group could wait on them. Aborting ends every rank at once.
-        end_all_ranks(rank, exc, stop_heard=guard.received is not None)
+        # A TERM the guard heard, or the early-signal recorder after it (the handler once the guard is gone).
+        end_all_ranks(
+            rank, exc, term_heard=lambda: signal.SIGTERM in guard.heard or signal.SIGTERM in early_signals.SEEN
+        )
         raise
     # The finished trainer's DDP holds the process group through reference cycles; free it now, while gloo's
     # worker threads can still take the GIL, not in the collector's last pass at interpreter exit.
