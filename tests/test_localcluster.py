@@ -65,3 +65,15 @@ def test_only_the_outermost_path_under_tmp_is_bound(monkeypatch):
     monkeypatch.chdir("/tmp/ci-check")
     kept = paths_to_keep_visible(layout("/tmp/ci-check/.cluster"))
     assert Path("/tmp/ci-check") in kept and Path("/tmp/ci-check/.cluster") not in kept
+
+
+def test_a_step_directory_left_by_an_earlier_cluster_is_removed_before_slurmd_starts(tmp_path):
+    """A new cluster numbers its jobs from 1 again: a killed step daemon's PMIx directory for job 19 made the
+    next cluster's job 19 fail to launch its first step on that node, in every attempt."""
+    from hpcml.localcluster.cluster import clear_stale_step_dirs
+
+    (tmp_path / "spmix_appdir_0_19.0" / "pmix.x").mkdir(parents=True)
+    (tmp_path / "pymp-abc").mkdir()
+    (tmp_path / "ci-check").mkdir()
+    assert clear_stale_step_dirs(tmp_path) == [tmp_path / "spmix_appdir_0_19.0"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ci-check", "pymp-abc"]

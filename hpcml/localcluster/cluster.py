@@ -367,11 +367,24 @@ def slurmd_namespace_script(layout: LocalClusterLayout, node: str) -> str:
     return "\n".join(lines)
 
 
+def clear_stale_step_dirs(node_tmp: Path) -> list[Path]:
+    """Remove what killed step daemons left in a node's /tmp; returns what was removed. A step's PMIx
+    directory (`spmix_appdir_<uid>_<job>.<step>`) goes when its step daemon ends, but one killed with its
+    cluster leaves it, and a new cluster numbers its jobs from 1 again: seen, job 19's first step then failed
+    to launch on that node ("task 0 launch failed"), in every attempt. Call it while no slurmd runs there."""
+    stale = sorted(node_tmp.glob("spmix_appdir_*"))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def start_slurmd(layout: LocalClusterLayout, node: str) -> None:
     if _pid_alive(layout.run / f"slurmd-{node}.pid"):
         return
     (layout.node_tmp(node) / "tmp").mkdir(parents=True, exist_ok=True)
     os.chmod(layout.node_tmp(node) / "tmp", 0o1777)
+    for path in clear_stale_step_dirs(layout.node_tmp(node) / "tmp"):
+        print(f"removed {path}, left by a step of an earlier cluster", file=sys.stderr)
     (layout.state_dir / "slurmd" / node).mkdir(parents=True, exist_ok=True)
     script = slurmd_namespace_script(layout, node)
     _run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], env=_slurm_env(layout))
