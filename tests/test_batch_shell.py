@@ -211,6 +211,21 @@ def test_a_term_to_the_shell_reaches_the_step_as_the_stop_signal(tmp_path):
     assert launches(work) == 1
 
 
+# The step "dies of" the forwarded signal before forming its world: exit 140 (USR2) with no mark.
+DIES_OF_THE_STOP = STEP.replace("exit 3' USR2", "exit 140' USR2")
+
+
+def stop_while_starting(tmp_path: Path, **env: str) -> tuple[int, Path, str, float]:
+    """TERM to the shell while DIES_OF_THE_STOP is starting: the shell's exit status, the work folder, its
+    stderr, and the seconds from the TERM to its exit."""
+    proc, work = run_step(tmp_path, DIES_OF_THE_STOP, FATE_1="wait", **env)
+    wait_for(work / "waiting")
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(30)
+    return code, work, proc.stderr.read(), time.monotonic() - started
+
+
 @pytest.mark.parametrize(
     "state, accounted, unrecorded, lag, requeued",
     [
@@ -223,20 +238,9 @@ def test_a_term_to_the_shell_reaches_the_step_as_the_stop_signal(tmp_path):
 def test_a_stop_that_killed_starting_ranks_requeues_unless_cancelled(
     tmp_path, state, accounted, unrecorded, lag, requeued
 ):
-    # The step "dies of" the forwarded signal before forming its world: exit 140 (USR2) with no mark.
-    dies_of_it = STEP.replace("exit 3' USR2", "exit 140' USR2")
-    proc, work = run_step(
-        tmp_path,
-        dies_of_it,
-        FATE_1="wait",
-        JOB_STATE=state,
-        ACCT_STATE=accounted,
-        ACCT_UNRECORDED=str(unrecorded),
-        ACCT_LAG=str(lag),
+    code, work, _, _ = stop_while_starting(
+        tmp_path, JOB_STATE=state, ACCT_STATE=accounted, ACCT_UNRECORDED=str(unrecorded), ACCT_LAG=str(lag)
     )
-    wait_for(work / "waiting")
-    proc.send_signal(signal.SIGTERM)
-    code = proc.wait(30)
     calls = (work / "scontrol").read_text().splitlines()
     assert launches(work) == 1  # never relaunched while a stop is pending
     assert ("requeue 7" in calls) is requeued
@@ -246,27 +250,20 @@ def test_a_stop_that_killed_starting_ranks_requeues_unless_cancelled(
 def test_a_stop_while_accounting_never_records_the_end_requeues_after_the_wait(tmp_path):
     """COMPLETING, and accounting still says RUNNING after HPCML_ACCOUNTING_WAIT_S: the shell says so, and
     requeues (a preempted job must come back; a cancelled one can be cancelled again)."""
-    dies_of_it = STEP.replace("exit 3' USR2", "exit 140' USR2")
-    proc, work = run_step(
-        tmp_path, dies_of_it, FATE_1="wait", JOB_STATE="COMPLETING", ACCT_LAG="1000", HPCML_ACCOUNTING_WAIT_S="1"
+    code, work, err, _ = stop_while_starting(
+        tmp_path, JOB_STATE="COMPLETING", ACCT_LAG="1000", HPCML_ACCOUNTING_WAIT_S="1"
     )
-    wait_for(work / "waiting")
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 3
-    assert "accounting did not say why (waited up to 1 s)" in proc.stderr.read()
+    assert code == 3
+    assert "accounting did not say why (waited up to 1 s)" in err
     assert 1 <= int((work / "sacct_calls").read_text()) <= 5  # every half second for the wait
     assert "requeue 7" in (work / "scontrol").read_text().splitlines()
 
 
 def test_a_stop_on_a_cluster_without_accounting_does_not_wait_for_it(tmp_path):
     """sacct fails (AccountingStorageType=none): nothing to wait for; the job is requeued at once."""
-    dies_of_it = STEP.replace("exit 3' USR2", "exit 140' USR2")
-    proc, work = run_step(tmp_path, dies_of_it, FATE_1="wait", JOB_STATE="COMPLETING", ACCT_FAILS="1")
-    wait_for(work / "waiting")
-    started = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 3
-    assert time.monotonic() - started < 5  # not the 20 s wait
+    code, work, _, seconds = stop_while_starting(tmp_path, JOB_STATE="COMPLETING", ACCT_FAILS="1")
+    assert code == 3
+    assert seconds < 5  # not the 20 s wait
     assert int((work / "sacct_calls").read_text()) == 1
     assert "requeue 7" in (work / "scontrol").read_text().splitlines()
 
@@ -274,13 +271,8 @@ def test_a_stop_on_a_cluster_without_accounting_does_not_wait_for_it(tmp_path):
 def test_a_stop_after_the_job_was_requeued_needs_no_accounting_and_no_requeue(tmp_path):
     """COMPLETING with EndTime=Unknown: requeued while its processes end (measured), so accounting, however
     far behind, is not waited for, and the shell does not ask again (Slurm would refuse)."""
-    dies_of_it = STEP.replace("exit 3' USR2", "exit 140' USR2")
-    proc, work = run_step(
-        tmp_path, dies_of_it, FATE_1="wait", JOB_STATE="COMPLETING", END_TIME="Unknown", ACCT_LAG="1000"
-    )
-    wait_for(work / "waiting")
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 3
+    code, work, err, _ = stop_while_starting(tmp_path, JOB_STATE="COMPLETING", END_TIME="Unknown", ACCT_LAG="1000")
+    assert code == 3
     assert not (work / "sacct_calls").exists()
     assert "requeue 7" not in (work / "scontrol").read_text().splitlines()
-    assert "Slurm is requeueing job 7 already" in proc.stderr.read()
+    assert "Slurm is requeueing job 7 already" in err
