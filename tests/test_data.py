@@ -4,7 +4,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, TensorDataset, default_collate
 
 from hpcml.compute import datasets
-from hpcml.compute.data import GlobalBatchStream, check_map_style, eval_batches, gather, on_device
+from hpcml.compute.data import GlobalBatchStream, check_map_style, eval_batches, gather, on_device, to_device
 from hpcml.errors import ConfigError, DataError
 
 
@@ -132,3 +132,16 @@ def test_datasets_that_cannot_resume_exactly_are_refused():
 def test_data_stays_where_it_is_for_cpu_training():
     data = datasets.synthetic("train", num_samples=64, input_dim=8)
     assert on_device(data, torch.device("cpu")) is data
+
+
+def test_a_batch_already_on_its_device_is_not_handed_to_torch(monkeypatch):
+    """Tensor.to releases the GIL even as a no-op; the loader's receiving thread may then hold it (data.py)."""
+    batch = {"x": torch.ones(3), "pair": (torch.zeros(2), torch.arange(4))}
+    calls = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append(a) or real_to(self, *a, **k))
+    moved = to_device(batch, torch.device("cpu"))
+    assert calls == []
+    assert moved["x"] is batch["x"] and moved["pair"][0] is batch["pair"][0] and moved["pair"][1] is batch["pair"][1]
+    to_device(batch, torch.device("meta"))  # another device: every tensor goes through Tensor.to
+    assert len(calls) == 3
