@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+from hpcml.compute.checkpoint.hashing_fs import HashingFileSystem
 from hpcml.compute.checkpoint.layout import (
     SHARDED,
     STATE_FILE,
@@ -52,7 +53,7 @@ from hpcml.compute.checkpoint.layout import (
 from hpcml.compute.checkpoint.replicated import StagingArea, without_zip_crc32
 from hpcml.compute.dist import DistributedContext
 from hpcml.errors import ConfigError, HpcmlError
-from hpcml.fileio import DEFAULT_CHECKSUM, FileDigest, digest_of, fsync_dir, write_hashed
+from hpcml.fileio import FileDigest, fsync_dir, write_hashed
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +68,6 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
     tensors otherwise (every rank calls it, at the same step boundary)."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
     return {"model": model_state, "optimizer": optimizer_state}
-
-
-def _digest(path: Path) -> FileDigest:
-    return FileDigest(DEFAULT_CHECKSUM, digest_of(path, DEFAULT_CHECKSUM), path.stat().st_size)
-
-
-def _files_of_rank(shards: Path, rank: int) -> list[Path]:
-    """What DCP's file-system writer wrote for `rank`: its data files, and the metadata on rank 0."""
-    mine = sorted(shards.glob(f"__{rank}_*.distcp"))
-    return [*mine, shards / ".metadata"] if rank == 0 else mine
 
 
 @dataclass(frozen=True)
@@ -211,21 +202,19 @@ class ShardedCheckpointWriter:
         # every rank holds whole (a BatchNorm buffer) is saved once, from rank 0, whose copy the run treats as
         # the true one; DCP's default would take it from whichever rank had written least so far.
         writer = dcp.FileSystemWriter(partial / SHARDS_DIR, sync_files=True)
+        writer.fs = HashingFileSystem()  # what this rank writes (its data files; the metadata on rank 0), hashed
         planner = DefaultSavePlanner(dedup_save_to_lowest_rank=True)
         # DCP writes every tensor with torch.save, whose CRC-32s the manifest's checksum of each shard file
         # makes redundant (as for the replicated writer).
         with without_zip_crc32():
             dcp.save(save.shards, storage_writer=writer, planner=planner, process_group=self.group)
-        self._commit(partial, save, started)
+        self._commit(partial, save, writer.fs.digests, started)
 
-    def _commit(self, partial: Path, save: ShardedSave, started: float) -> None:
-        """Every rank hashes its files and sends the digests, with its RNG state, to rank 0, which writes the
-        replicated rest and every rank's RNG state and commits; no rank returns before the commit (when rank 0
-        fails to commit, the others wait at the last barrier until the job is ended)."""
-        mine = {
-            f"{SHARDS_DIR}/{p.name}": file_entry(_digest(p))
-            for p in _files_of_rank(partial / SHARDS_DIR, self.ctx.rank)
-        }
+    def _commit(self, partial: Path, save: ShardedSave, written: dict[Path, FileDigest], started: float) -> None:
+        """Every rank sends the checksums of the files it `written`, with its RNG state, to rank 0, which writes
+        the replicated rest and every rank's RNG state and commits; no rank returns before the commit (when
+        rank 0 fails to commit, the others wait at the last barrier until the job is ended)."""
+        mine = {f"{SHARDS_DIR}/{path.name}": file_entry(digest) for path, digest in written.items()}
         self.before_commit(partial)
         gathered = [(mine, save.rng_state)]
         if self.ctx.world_size > 1:
@@ -233,11 +222,11 @@ class ShardedCheckpointWriter:
             dist.gather_object((mine, save.rng_state), gathered, dst=0, group=self.group)
         if self.ctx.is_main:
             files = {name: entry for rank_files, _ in gathered for name, entry in rank_files.items()}
-            written = {f"{SHARDS_DIR}/{p.name}" for p in (partial / SHARDS_DIR).iterdir()}
-            if written != set(files):
+            on_disk = {f"{SHARDS_DIR}/{p.name}" for p in (partial / SHARDS_DIR).iterdir()}
+            if on_disk != set(files):
                 # A file no rank accounted for would go unverified: refuse to commit rather than trust it.
                 raise CheckpointCorruptError(
-                    f"{partial.name}: the shard files on disk ({sorted(written)}) are not the ones the ranks wrote "
+                    f"{partial.name}: the shard files on disk ({sorted(on_disk)}) are not the ones the ranks wrote "
                     f"({sorted(files)}); not committing it. The previous checkpoint stays the newest; if this "
                     "repeats, check that checkpoint.dir is one shared filesystem that every node sees."
                 )
