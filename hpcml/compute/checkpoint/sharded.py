@@ -211,9 +211,10 @@ class ShardedCheckpointWriter:
         self._commit(partial, save, writer.fs.digests, started)
 
     def _commit(self, partial: Path, save: ShardedSave, written: dict[Path, FileDigest], started: float) -> None:
-        """Every rank sends the checksums of the files it `written`, with its RNG state, to rank 0, which writes
-        the replicated rest and every rank's RNG state and commits; no rank returns before the commit (when
-        rank 0 fails to commit, the others wait at the last barrier until the job is ended)."""
+        """Every rank sends the checksums of the files it wrote (`written`, hashed as DCP wrote them), with its
+        RNG state, to rank 0, which writes the replicated rest and every rank's RNG state and commits; no rank
+        returns before the commit (when rank 0 fails to commit, the others wait at the last barrier until the
+        job is ended)."""
         mine = {f"{SHARDS_DIR}/{path.name}": file_entry(digest) for path, digest in written.items()}
         self.before_commit(partial)
         gathered = [(mine, save.rng_state)]
