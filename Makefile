@@ -49,7 +49,7 @@ test: deps install cluster-up  ## every test, the real-cluster ones included
 test-fast: deps install  ## unit and local-MPI tests; skips the slow real-cluster tests
 	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
 
-bench: cluster-up  ## every benchmark, full size (about 25 minutes on 2 cores): bench/results/*.json and summary.md
+bench: cluster-up  ## every benchmark, full size (about 20 minutes on 2 cores): bench/results/*.json and summary.md
 	$(PY) -m hpcml.bench
 
 bench-quick: cluster-up  ## the same benchmarks, small and short (a few minutes)
