@@ -42,9 +42,14 @@ class HashingWriter:
 
     def write(self, data) -> int:
         view = memoryview(data)
+        written = self.raw.write(view)
+        # A buffered file takes every byte or raises; a raw one may take fewer, and a caller that ignores the
+        # count (torch's zip writer does) would leave a checksum of bytes that never reached the file.
+        if written != view.nbytes:
+            raise OSError(f"short write: {written} of {view.nbytes} bytes; hash only through a buffered file")
         self.digest.update(view)
         self.size += view.nbytes
-        return self.raw.write(view)
+        return written
 
     def flush(self) -> None:
         self.raw.flush()

@@ -145,3 +145,5 @@ def test_a_batch_already_on_its_device_is_not_handed_to_torch(monkeypatch):
     assert moved["x"] is batch["x"] and moved["pair"][0] is batch["pair"][0] and moved["pair"][1] is batch["pair"][1]
     to_device(batch, torch.device("meta"))  # another device: every tensor goes through Tensor.to
     assert len(calls) == 3
+    to_device(batch, torch.device("cpu", 0))  # the same type, another index (a rank's cuda:0 against cuda:1)
+    assert len(calls) == 6

@@ -1,9 +1,14 @@
+import os
+import re
+
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from hpcml.compute.checkpoint import CheckpointCorruptError
 from hpcml.compute.checkpoint.hashing_fs import HashingFileSystem
-from hpcml.fileio import DEFAULT_CHECKSUM, FileDigest, digest_of
+from hpcml.compute.checkpoint.sharded import SHARDS_DIR, shard_entries
+from hpcml.fileio import DEFAULT_CHECKSUM, FileDigest, HashingWriter, digest_of
 
 
 def on_disk(path) -> FileDigest:
@@ -25,10 +30,11 @@ def test_every_file_dcp_writes_is_hashed_as_written_and_known_by_its_final_name(
     loaded = {"w": torch.empty(64, 32), "b": torch.empty(7, dtype=torch.int64),
               "nested": {"m": torch.empty(3, dtype=torch.bfloat16)}}  # fmt: skip
     dcp.load(loaded, checkpoint_id=tmp_path, no_dist=True)
-    assert torch.equal(loaded["w"], state["w"]) and torch.equal(loaded["nested"]["m"], state["nested"]["m"])
+    assert torch.equal(loaded["w"], state["w"]) and torch.equal(loaded["b"], state["b"])
+    assert torch.equal(loaded["nested"]["m"], state["nested"]["m"])
 
 
-def test_reads_pass_through_and_partial_writes_are_refused(tmp_path):
+def test_reads_pass_through_and_only_fresh_writes_are_hashed(tmp_path):
     fs = HashingFileSystem()
     path = tmp_path / "f"
     with fs.create_stream(path, "wb") as stream:
@@ -37,7 +43,54 @@ def test_reads_pass_through_and_partial_writes_are_refused(tmp_path):
     with fs.create_stream(path, "rb") as stream:
         assert stream.read() == b"abc"
     assert list(fs.digests) == [path]
-    with pytest.raises(ValueError, match="mode 'ab'.*fresh write"), fs.create_stream(path, "ab"):
-        pass
+    for mode in ("ab", "r+b", "rb+"):  # each would hash only part of the file
+        with (
+            pytest.raises(ValueError, match=re.escape(f"mode {mode!r}; hashing its files needs a fresh write")),
+            fs.create_stream(path, mode),
+        ):
+            pass
+    assert path.read_bytes() == b"abc"
     fs.rm_file(path)
     assert fs.digests == {} and not path.exists()
+
+
+def test_a_file_whose_writing_failed_has_no_checksum(tmp_path):
+    """What a rank cannot vouch for stays out of its digests, so rank 0 refuses the folder (sharded.py)."""
+    fs = HashingFileSystem()
+    with pytest.raises(RuntimeError, match="disk gone"), fs.create_stream(tmp_path / "f", "wb") as stream:
+        stream.write(b"half")
+        raise RuntimeError("disk gone")
+    assert fs.digests == {}
+
+
+def test_the_descriptor_dcp_fsyncs_has_every_byte_written_behind_it(tmp_path):
+    """DCP fsyncs its `.metadata` through fileno() without flushing first."""
+    fs = HashingFileSystem()
+    path = tmp_path / "f"
+    with fs.create_stream(path, "wb") as stream:
+        stream.write(b"x" * 100)  # far less than the file object's buffer
+        os.fstat(stream.fileno())
+        assert path.stat().st_size == 100
+
+
+def test_a_short_write_fails_instead_of_vouching_for_bytes_never_written(tmp_path):
+    class TakesHalf:
+        def write(self, data):
+            return len(data) // 2
+
+    writer = HashingWriter(TakesHalf())
+    with pytest.raises(OSError, match="short write: 2 of 4 bytes"):
+        writer.write(b"abcd")
+    assert writer.size == 0
+
+
+def test_a_rank_vouches_for_its_files_by_their_place_in_the_shards_folder(tmp_path):
+    partial = tmp_path / "step-00000007.partial"
+    digest = FileDigest(DEFAULT_CHECKSUM, "ab", 2)
+    written = {partial / SHARDS_DIR / "__1_0.distcp": digest, partial / SHARDS_DIR / ".metadata": digest}
+    assert shard_entries(written, partial) == {
+        f"{SHARDS_DIR}/__1_0.distcp": {DEFAULT_CHECKSUM: "ab", "bytes": 2},
+        f"{SHARDS_DIR}/.metadata": {DEFAULT_CHECKSUM: "ab", "bytes": 2},
+    }
+    with pytest.raises(CheckpointCorruptError, match="not all of it in .*not committing step-00000007.partial"):
+        shard_entries({**written, partial / "__1_0.distcp": digest}, partial)

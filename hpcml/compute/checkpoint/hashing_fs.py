@@ -28,6 +28,9 @@ class HashingStream(HashingWriter):
         return self.raw.tell()
 
     def fileno(self) -> int:
+        # DCP asks for the descriptor only to fsync it, and for its `.metadata` without flushing first: what the
+        # file object still buffers would reach the disk after the fsync, unsynced. Flushed here, it does not.
+        self.raw.flush()
         return self.raw.fileno()
 
     def writable(self) -> bool:
@@ -54,7 +57,7 @@ class HashingFileSystem(FileSystem):
 
     @contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str) -> Generator[BinaryIO, None, None]:
-        if "r" in mode:
+        if mode in ("r", "rb"):
             with super().create_stream(path, mode) as stream:
                 yield stream
             return

@@ -70,6 +70,18 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
     return {"model": model_state, "optimizer": optimizer_state}
 
 
+def shard_entries(written: dict[Path, FileDigest], partial: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's lines for the files a rank `written` into the `partial` folder's shards; a file written
+    anywhere else fails the save (the manifest names shards by their place in the folder)."""
+    shards = partial / SHARDS_DIR
+    if any(path.parent != shards for path in written):
+        raise CheckpointCorruptError(
+            f"DCP wrote {sorted(map(str, written))}, not all of it in {shards}; not committing {partial.name}. "
+            "The previous checkpoint stays the newest (a torch upgrade may have changed where DCP puts its files)."
+        )
+    return {f"{SHARDS_DIR}/{path.name}": file_entry(digest) for path, digest in written.items()}
+
+
 @dataclass(frozen=True)
 class ShardedSave:
     """One sharded checkpoint to write: this rank's `shards` and `rng_state`; `rest`, the replicated state, on
@@ -215,7 +227,7 @@ class ShardedCheckpointWriter:
         RNG state, to rank 0, which writes the replicated rest and every rank's RNG state and commits; no rank
         returns before the commit (when rank 0 fails to commit, the others wait at the last barrier until the
         job is ended)."""
-        mine = {f"{SHARDS_DIR}/{path.name}": file_entry(digest) for path, digest in written.items()}
+        mine = shard_entries(written, partial)
         self.before_commit(partial)
         gathered = [(mine, save.rng_state)]
         if self.ctx.world_size > 1:
