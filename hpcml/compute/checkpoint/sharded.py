@@ -71,8 +71,8 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
 
 
 def shard_entries(written: dict[Path, FileDigest], partial: Path) -> dict[str, dict[str, Any]]:
-    """The manifest's lines for the files a rank `written` into the `partial` folder's shards; a file written
-    anywhere else fails the save (the manifest names shards by their place in the folder)."""
+    """The manifest's lines for `written`, the files a rank wrote into the `partial` folder's shards; a file
+    written anywhere else fails the save (the manifest names shards by their place in the folder)."""
     shards = partial / SHARDS_DIR
     if any(path.parent != shards for path in written):
         raise CheckpointCorruptError(
