@@ -2,6 +2,7 @@ from pathlib import Path
 
 from hpcml.localcluster.cluster import (
     LocalClusterLayout,
+    clear_stale_step_dirs,
     paths_to_keep_visible,
     render_slurm_conf,
     render_slurmdbd_conf,
@@ -67,11 +68,10 @@ def test_only_the_outermost_path_under_tmp_is_bound(monkeypatch):
     assert Path("/tmp/ci-check") in kept and Path("/tmp/ci-check/.cluster") not in kept
 
 
-def test_a_step_directory_left_by_an_earlier_cluster_is_removed_before_slurmd_starts(tmp_path):
+def test_step_directories_left_by_an_earlier_cluster_are_cleared_and_nothing_else(tmp_path):
     """A new cluster numbers its jobs from 1 again: a killed step daemon's PMIx directory for job 19 made the
-    next cluster's job 19 fail to launch its first step on that node, in every attempt."""
-    from hpcml.localcluster.cluster import clear_stale_step_dirs
-
+    next cluster's job 19 fail to launch its first step on that node, in every attempt (start_slurmd clears
+    them first)."""
     (tmp_path / "spmix_appdir_0_19.0" / "pmix.x").mkdir(parents=True)
     (tmp_path / "pymp-abc").mkdir()
     (tmp_path / "ci-check").mkdir()

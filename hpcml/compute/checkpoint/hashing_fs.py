@@ -33,15 +33,8 @@ class HashingStream(HashingWriter):
         self.raw.flush()
         return self.raw.fileno()
 
-    def writable(self) -> bool:
-        return True
-
     def close(self) -> None:
         self.raw.close()
-
-    @property
-    def closed(self) -> bool:
-        return self.raw.closed
 
     def file_digest(self) -> FileDigest:
         return FileDigest(self.algorithm, self.digest.hexdigest(), self.size)
