@@ -460,6 +460,9 @@ class FaultConfig:
     # Every rank pauses (8 s) between the first and second micro-batch of this step, logging it, so that a
     # test can interrupt in the middle of a step (train.grad_accum_steps > 1).
     pause_between_micro_batches_at_step: int | None = None
+    # At the end of each of these steps every rank waits, logging it, until a signal reaches it (3 minutes at
+    # most): a test's interrupt then lands at a known step however long Slurm takes to deliver it.
+    hold_for_signal_at_steps: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -1,17 +1,23 @@
 """Fault drills hook into a Trainer from outside its loop, and only when the config asks for one."""
 
+import os
 import signal
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
 
+from hpcml.compute import drills
 from hpcml.compute.drills import install_fault_drills
+from hpcml.compute.preempt import PreemptionGuard
 from hpcml.config import FaultConfig
 
 
-def fake_trainer(rank=0, step=0, sharded=False):
+def fake_trainer(rank=0, step=0, sharded=False, guard=None):
     return SimpleNamespace(
         step=step,
+        stop=SimpleNamespace(guard=guard),
         ctx=SimpleNamespace(rank=rank, is_main=rank == 0),
         after_step=[],
         before_save=[],
@@ -65,3 +71,28 @@ def test_kill_during_a_sharded_save_cuts_the_chosen_ranks_shard_and_kills_it(tmp
     assert killed == [signal.SIGKILL]
     sizes = [(tmp_path / "shards" / f"__{rank}_0.distcp").stat().st_size for rank in range(2)]
     assert sizes == [100, 50]
+
+
+def test_a_held_step_waits_for_the_signal_and_only_at_the_steps_asked():
+    """fault.hold_for_signal_at_steps: at step 4 nothing holds; at step 5 the rank waits until the TERM comes."""
+    with PreemptionGuard([signal.SIGTERM]) as guard:
+        trainer = fake_trainer(step=4, guard=guard)
+        install_fault_drills(trainer, FaultConfig(hold_for_signal_at_steps=[5, 9]))
+        started = time.monotonic()
+        trainer.after_step[0](trainer)
+        assert time.monotonic() - started < 0.5
+        trainer.step = 5
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        trainer.after_step[0](trainer)
+        held_s = time.monotonic() - started
+        assert guard.received is signal.SIGTERM and 1.0 <= held_s < 3.0, held_s
+
+
+def test_a_hold_that_no_signal_ends_gives_up_at_its_limit(monkeypatch):
+    monkeypatch.setattr(drills, "HOLD_FOR_SIGNAL_LIMIT_S", 0.3)
+    with PreemptionGuard([signal.SIGTERM]) as guard:
+        trainer = fake_trainer(step=5, guard=guard)
+        install_fault_drills(trainer, FaultConfig(hold_for_signal_at_steps=[5]))
+        started = time.monotonic()
+        trainer.after_step[0](trainer)
+        assert 0.3 <= time.monotonic() - started < 2.0 and guard.received is None

@@ -1,7 +1,7 @@
 """Deliberate faults (`fault.*`) for the fault tests and for drills on a real cluster: a rank that raises,
-hangs or crashes at start-up, a save killed half-way, a slowed step. They hook into the Trainer from outside
-its loop (`Trainer.after_step`, `between_micro_batches`, `before_save`, and a sharded save's
-`before_commit`), so a run that drills nothing runs none of this."""
+hangs or crashes at start-up, a save killed half-way, a slowed step, a step held until a signal comes. They
+hook into the Trainer from outside its loop (`Trainer.after_step`, `between_micro_batches`, `before_save`,
+and a sharded save's `before_commit`), so a run that drills nothing runs none of this."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def install_fault_drills(trainer: Trainer, fault: FaultConfig) -> None:
             fault.hang_at_step is not None,
             fault.raise_if_file_exists,
             fault.step_sleep_s,
+            fault.hold_for_signal_at_steps,
         )
     ):
         trainer.after_step.append(lambda t: after_step(t, fault))
@@ -61,8 +62,30 @@ def after_step(trainer: Trainer, fault: FaultConfig) -> None:
             time.sleep(3600)
     if fault.raise_if_file_exists and Path(fault.raise_if_file_exists).exists():
         raise RuntimeError(f"injected fault: {fault.raise_if_file_exists} exists (fault.raise_if_file_exists)")
+    if step in fault.hold_for_signal_at_steps:
+        hold_for_signal(trainer)
     if fault.step_sleep_s:
         time.sleep(fault.step_sleep_s)
+
+
+# The longest a drilled hold waits for its signal: a test that never sends one fails on its own checks
+# instead of leaving its run held.
+HOLD_FOR_SIGNAL_LIMIT_S = 180.0
+
+
+def hold_for_signal(trainer: Trainer) -> None:
+    """fault.hold_for_signal_at_steps: wait at this step's end until a warning signal has reached this rank.
+    The step-boundary agreement that follows then stops the run at exactly this step."""
+    if trainer.stop is None:
+        log.warning("fault.hold_for_signal_at_steps: this trainer hears no signals; not holding")
+        return
+    log.warning("fault.hold_for_signal_at_steps: holding at step %d until a signal comes", trainer.step)
+    give_up_at = time.monotonic() + HOLD_FOR_SIGNAL_LIMIT_S
+    while trainer.stop.guard.received is None:
+        if time.monotonic() > give_up_at:
+            log.error("fault.hold_for_signal_at_steps: no signal came in %.0f s; going on", HOLD_FOR_SIGNAL_LIMIT_S)
+            return
+        time.sleep(0.05)
 
 
 def kill_during_save(trainer: Trainer, fault: FaultConfig) -> None:

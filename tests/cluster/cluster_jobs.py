@@ -5,7 +5,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from helpers import PYTHON, ROOT, TRAIN, last_logged_step, mpi_env
+from helpers import PYTHON, ROOT, TRAIN, attempts, last_logged_step, mpi_env
 
 # Independent runs are compared bitwise, so they must sum gradients in the same order: transport=auto
 # probes per run (a resumed run reuses its checkpoint's plan, so resume itself is exact either way).
@@ -46,6 +46,24 @@ def wait_for_step(out_dir, step, timeout=120):
 
 def rank0_log(out, job) -> str:
     return (out / "slurm" / f"{job}_0_log.err").read_text()
+
+
+def wait_for_log(out, job, text, timeout=180):
+    """Until rank 0's log (every attempt's) says `text`."""
+    deadline = time.monotonic() + timeout
+    while not (out / "slurm" / f"{job}_0_log.err").exists() or text not in rank0_log(out, job):
+        assert time.monotonic() < deadline, f"rank 0 never logged {text!r}: {attempts(job)}"
+        time.sleep(0.2)
+
+
+def wait_until_resumed(out, job, times, timeout=180):
+    """Until the restart after the `times`-th interrupt has resumed training. (Its Slurm state alone, RUNNING,
+    is not enough before the next interrupt: a TERM to ranks that are still starting Python kills them before
+    any code of ours runs, and the batch shell then relaunches the step in the same allocation, measured.)"""
+    deadline = time.monotonic() + timeout
+    while not (out / "slurm" / f"{job}_0_log.err").exists() or rank0_log(out, job).count("resumed from") < times:
+        assert time.monotonic() < deadline, f"no resume after interrupt {times}: {attempts(job)}"
+        time.sleep(0.5)
 
 
 def finish(proc, timeout=420):
