@@ -132,7 +132,8 @@ def test_diverged_replicas_fail_the_run(tmp_path):
 @pytest.mark.parametrize("launcher", ["torchrun", "mpirun"])
 def test_a_rank_that_stops_answering_fails_the_job_after_the_timeout(launcher, tmp_path):
     """A peer blocked in a collective (torch.distributed under torchrun; the MPI stop agreement or gloo under
-    mpirun) gives up after train.dist_timeout_s and the whole job ends, instead of hanging for ever."""
+    mpirun) gives up after train.dist_timeout_s and the whole job ends, instead of hanging for ever. Half-way
+    there, the rank that stopped answering has written where it is (every thread's stack)."""
     import subprocess
 
     from helpers import PYTHON, ROOT, TRAIN, mpi_env
@@ -148,6 +149,7 @@ def test_a_rank_that_stops_answering_fails_the_job_after_the_timeout(launcher, t
     took = time.monotonic() - started
     assert done.returncode != 0
     assert "fault.hang_at_step=5: this rank stops answering" in done.stderr
+    assert "Timeout (0:00:05)!" in done.stderr and 'hpcml/compute/drills.py", line' in done.stderr, done.stderr
     assert took < 120, f"the job took {took:.0f} s to end"  # 10 s timeout + start-up + teardown
     assert not (tmp_path / "result.json").exists()
 

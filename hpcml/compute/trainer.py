@@ -34,6 +34,7 @@ from hpcml.compute.precision import Precision
 from hpcml.compute.preempt import BoundaryDecision, StopCoordinator, StopReason
 from hpcml.compute.run_checkpoints import RunCheckpoints
 from hpcml.compute.run_result import TrainingResult, parameters_checksum, write_result
+from hpcml.compute.stall_report import StallReport
 from hpcml.compute.tasks import split_step_output
 from hpcml.config import TrainJobConfig
 from hpcml.errors import ConfigError, DataError
@@ -126,6 +127,8 @@ class Trainer:
         if hasattr(self.task, "state_dict") and hasattr(self.task, "load_state_dict"):
             self.stateful["task"] = self.task
         self.loss_watch = NonFiniteLossWatch(ctx)
+        # A step that takes half the collective timeout is a hang in the making: each rank writes its stacks.
+        self.stall_report = StallReport(cfg.train.dist_timeout_s / 2)
         self.step_metrics = StepMetricsAverager(ctx, type(self.task).__name__)
         self.checkpoints = RunCheckpoints(
             cfg.checkpoint, ctx, self.checkpoint_dir, self.stateful, collective_timeout_s=cfg.train.dist_timeout_s
@@ -339,6 +342,7 @@ class Trainer:
         started = time.perf_counter()
         try:
             trained = self.train_until_done(metrics)
+            self.stall_report.close()  # the final save and evaluation are no step
             if trained.stopped is not StopReason.NONE:
                 self.checkpoints.close()
                 return TrainingOutcome(None, trained.stopped, self.step)
@@ -352,6 +356,7 @@ class Trainer:
                 metrics.write(self.step, evaluated)
             self.checkpoints.close()  # the old checkpoints were deleted while it evaluated
         finally:
+            self.stall_report.close()
             metrics.close()
             self.batches.close()
         result = TrainingResult(
@@ -381,6 +386,7 @@ class Trainer:
         trained = TrainedSteps(StopReason.NONE, torch.zeros((), device=self.ctx.device), None)
         window_start, window_steps = time.perf_counter(), 0
         while self.step < cfg.steps:
+            self.stall_report.step_started()
             step_started = time.perf_counter()
             trained.last_loss, step_metrics = self.train_step()
             if trained.first_step_at is None:
