@@ -317,6 +317,10 @@ class TrainConfig:
             f"train.global_batch_size={self.global_batch_size} does not split into train.grad_accum_steps="
             f"{self.grad_accum_steps} equal micro-batches; make it a multiple of {self.grad_accum_steps}.",
         )
+        _require(
+            self.dist_timeout_s >= 1,
+            f"train.dist_timeout_s={self.dist_timeout_s} must be 1 or more (seconds a collective may wait).",
+        )
         _require(self.clip_grad_norm >= 0, f"train.clip_grad_norm={self.clip_grad_norm} cannot be negative (0: off).")
         _one_of("train.precision", self.precision, PRECISIONS)
         _one_of("train.backend", self.backend, BACKENDS)
@@ -461,7 +465,8 @@ class FaultConfig:
     # test can interrupt in the middle of a step (train.grad_accum_steps > 1).
     pause_between_micro_batches_at_step: int | None = None
     # At the end of each of these steps every rank waits, logging it, until a signal reaches it (3 minutes at
-    # most): a test's interrupt then lands at a known step however long Slurm takes to deliver it.
+    # most, and under half of train.dist_timeout_s): a test's interrupt then lands at a known step however long
+    # Slurm takes to deliver it.
     hold_for_signal_at_steps: list[int] = field(default_factory=list)
 
 

@@ -198,3 +198,8 @@ def test_torch_compile_trains_the_same_model(ctx, tmp_path, monkeypatch):
 def test_the_train_config_refuses_an_unknown_precision():
     with pytest.raises(ConfigError, match="train.precision"):
         replace(TrainConfig(), precision="fp8").__post_init__()
+
+
+def test_the_train_config_refuses_a_collective_timeout_under_a_second():
+    with pytest.raises(ConfigError, match=r"^train.dist_timeout_s=0 must be 1 or more"):
+        TrainConfig(dist_timeout_s=0)

@@ -75,15 +75,20 @@ HOLD_FOR_SIGNAL_LIMIT_S = 180.0
 
 def hold_for_signal(trainer: Trainer) -> None:
     """fault.hold_for_signal_at_steps: wait at this step's end until a warning signal has reached this rank.
-    The step-boundary agreement that follows then stops the run at exactly this step."""
+    The step-boundary agreement that follows then stops the run at exactly this step.
+
+    Meant for interrupts that signal every rank (`scontrol requeue`, `scancel --signal`, a preemption): a rank
+    that hears nothing waits out the limit, and its peers wait for it in the agreement. The limit stays under
+    half the collective timeout, so that wait fails nothing."""
     if trainer.stop is None:
         log.warning("fault.hold_for_signal_at_steps: this trainer hears no signals; not holding")
         return
+    limit_s = min(HOLD_FOR_SIGNAL_LIMIT_S, trainer.cfg.train.dist_timeout_s / 2)
     log.warning("fault.hold_for_signal_at_steps: holding at step %d until a signal comes", trainer.step)
-    give_up_at = time.monotonic() + HOLD_FOR_SIGNAL_LIMIT_S
+    give_up_at = time.monotonic() + limit_s
     while trainer.stop.guard.received is None:
         if time.monotonic() > give_up_at:
-            log.error("fault.hold_for_signal_at_steps: no signal came in %.0f s; going on", HOLD_FOR_SIGNAL_LIMIT_S)
+            log.error("fault.hold_for_signal_at_steps: no signal came in %.0f s; going on", limit_s)
             return
         time.sleep(0.05)
 

@@ -127,7 +127,7 @@ class Trainer:
         if hasattr(self.task, "state_dict") and hasattr(self.task, "load_state_dict"):
             self.stateful["task"] = self.task
         self.loss_watch = NonFiniteLossWatch(ctx)
-        # A step that takes half the collective timeout is a hang in the making: each rank writes its stacks.
+        # A step still running half-way to the collective timeout is a hang in the making: its stacks are logged.
         self.stall_report = StallReport(cfg.train.dist_timeout_s / 2)
         self.step_metrics = StepMetricsAverager(ctx, type(self.task).__name__)
         self.checkpoints = RunCheckpoints(

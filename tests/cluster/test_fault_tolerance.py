@@ -91,8 +91,7 @@ def test_every_kind_of_interrupt_in_one_sharded_run_of_user_code_at_a_strict_sit
     kinds = rng.sample(["scontrol_requeue", "scancel_term", "preemption"], k=3)
     at = sorted(rng.sample(range(30, 170, 10), k=len(kinds)))
     out = new_out("every-kind")
-    # The run holds at each interrupt's step until the signal comes: in one CI run on a starved machine the job
-    # completed while the test still waited for an interrupt's restart.
+    # Held at each interrupt's step until its signal comes: a starved Slurm may deliver it late.
     held = f"fault.hold_for_signal_at_steps=[{','.join(map(str, at))}]"
     with site_policy("--job-requeue", "0", "--batch-preempt-mode", "CANCEL"):
         proc = submit(out, *USER_RUN, *SLOW, held)
@@ -190,8 +189,8 @@ def lose_a_node(out, lost: str, kept: str) -> None:
     record = json.loads((out / "slurm_job.json").read_text())
     history = attempts(job)
     log = rank0_log(out, job)
-    # One restart, the migration; any more were stops on a signal no test sent, on a starved machine (see the
-    # every-kind test), each at a saved checkpoint, on the one node left.
+    # One restart, the migration; any more were stops on a signal no test sent, on a starved machine (see
+    # helpers.assert_a_restart_per_interrupt), each at a saved checkpoint, on the one node left.
     extra = len(history) - 2
     assert history[-1] == "COMPLETED" and extra >= 0, history
     assert log.count("stopped (signal) at a saved checkpoint") == extra, log[-3000:]
@@ -440,10 +439,7 @@ def term_to_the_batch_shell_on_the_srun_path(reference_sha):
     wait_until_ranks_started(job, out)
     term_the_batch_shell(job, "batch")
     assert not (out / "slurm_job.json").exists()  # rank 0 writes it once the world has formed
-    deadline = time.monotonic() + 120
-    while not (out / "slurm" / f"{job}_0_log.err").exists() or rank0_log(out, job).count("resumed from") < 1:
-        assert time.monotonic() < deadline, attempts(job)
-        time.sleep(0.5)
+    wait_until_resumed(out, job, 1, timeout=120)
     wait_for_step(out, 150)
     term_the_batch_shell(job, "full")
     finish(proc)

@@ -78,6 +78,7 @@ def test_the_lm_with_micro_batches_survives_every_kind_of_interrupt_bitwise(demo
     # A preemption takes every CPU: only once the demo's run has ended, so that it stays uninterrupted.
     reference, _ = demo_lm.result()
     wait_for_log(out, job, f"holding at step {preempted_at} until a signal comes")
+    assert "no signal came" not in rank0_log(out, job), "the hold gave up before the demo's run ended"
     interrupt("preemption", job)
     finish(proc)
     result = read_result(out)
