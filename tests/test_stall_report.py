@@ -9,15 +9,15 @@ STEPS = """
 import threading, time
 from hpcml.compute.stall_report import StallReport
 
-report = StallReport(0.5)
+report = StallReport(1.0)
 def quick_step():
     time.sleep(0.1)
 def stuck_step():
-    time.sleep(1.5)
+    time.sleep(2.5)
 def loader_thread():
     time.sleep(30)
 threading.Thread(target=loader_thread, daemon=True).start()
-for _ in range(8):  # 0.8 s of steps, each under 0.5 s: armed again at each, so no report
+for _ in range(12):  # 1.2 s of steps, each well under 1 s: armed again at each, so no report
     report.step_started()
     quick_step()
 report.step_started()
@@ -25,7 +25,7 @@ stuck_step()
 report.close()
 report.step_started()
 report.close()
-time.sleep(1.0)  # closed: nothing more
+time.sleep(1.5)  # closed: nothing more
 """
 
 

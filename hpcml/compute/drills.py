@@ -78,7 +78,7 @@ def hold_for_signal(trainer: Trainer) -> None:
     The step-boundary agreement that follows then stops the run at exactly this step.
 
     Meant for interrupts that signal every rank (`scontrol requeue`, `scancel --signal`, a preemption): a rank
-    that hears nothing waits out the limit, and its peers wait for it in the agreement. The limit stays under
+    that hears nothing waits out the limit, and its peers wait for it in the agreement. The limit is at most
     half the collective timeout, so that wait fails nothing."""
     if trainer.stop is None:
         log.warning("fault.hold_for_signal_at_steps: this trainer hears no signals; not holding")

@@ -12,8 +12,9 @@ import faulthandler
 
 class StallReport:
     """faulthandler's watchdog, armed again at each step's start: if the step (with the evaluation or save at
-    its end, whose collectives have the same timeout) has not ended `after_s` later, every thread's stack goes to the process's stderr (file descriptor 2: the rank's log under Slurm, whatever
-    sys.stderr has become) and training goes on, untouched."""
+    its end, whose collectives have the same timeout) has not ended `after_s` later, every thread's stack goes
+    to the process's stderr (file descriptor 2: the rank's log under Slurm, whatever sys.stderr has become),
+    and training goes on, untouched."""
 
     def __init__(self, after_s: float):
         self.after_s = after_s
