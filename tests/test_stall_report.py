@@ -17,7 +17,7 @@ def stuck_step():
 def loader_thread():
     time.sleep(30)
 threading.Thread(target=loader_thread, daemon=True).start()
-for _ in range(12):  # 1.2 s of steps, each well under 1 s: armed again at each, so no report
+for _ in range(12):  # 1.2 s of steps, each well under 1 s: the watchdog is kept armed, so no report
     report.step_started()
     quick_step()
 report.step_started()

@@ -8,25 +8,30 @@ lock or a driver call, is the one to read; each rank's own stacks, written half-
 from __future__ import annotations
 
 import faulthandler
+import time
 
 
 class StallReport:
-    """faulthandler's watchdog, armed again at each step's start: if the step (with the evaluation or save at
-    its end, whose collectives have the same timeout) has not ended `after_s` later, every thread's stack goes
-    to the process's stderr (file descriptor 2: the rank's log under Slurm, whatever sys.stderr has become),
-    and training goes on, untouched."""
+    """faulthandler's watchdog, kept armed while steps go on: once a step (with the evaluation or save at its
+    end, whose collectives have the same timeout) has run for 3/4 of `after_s` to `after_s`, every thread's
+    stack goes to the process's stderr (file descriptor 2: the rank's log under Slurm, whatever sys.stderr has
+    become), and training goes on, untouched.
+
+    Arming costs about 50 us (faulthandler starts a new watchdog thread each time), so a step re-arms only
+    when the last arming is a quarter of `after_s` old, and a step costs one clock read."""
 
     def __init__(self, after_s: float):
         self.after_s = after_s
-        self._armed = False
+        self._armed_at: float | None = None
 
     def step_started(self) -> None:
-        # Re-arming replaces the pending timer; one C watchdog thread serves every arming.
-        faulthandler.dump_traceback_later(self.after_s, repeat=False, file=2, exit=False)
-        self._armed = True
+        now = time.monotonic()
+        if self._armed_at is None or now - self._armed_at > self.after_s / 4:
+            faulthandler.dump_traceback_later(self.after_s, repeat=False, file=2, exit=False)
+            self._armed_at = now
 
     def close(self) -> None:
         # faulthandler has one such timer per process: this cancels whichever is armed.
-        if self._armed:
+        if self._armed_at is not None:
             faulthandler.cancel_dump_traceback_later()
-            self._armed = False
+            self._armed_at = None
