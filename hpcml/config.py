@@ -302,6 +302,10 @@ class TrainConfig:
     transport: str = "auto"
     # A collective that waits longer than this fails instead of hanging the job.
     dist_timeout_s: int = 300
+    # Python's garbage collector runs every N steps on every rank at once, not whenever one rank's allocations
+    # cross a threshold (a full collection pauses that rank, and every collective waits for it); 0: Python's
+    # automatic collection. Cycles (only they: the rest is freed at once) wait at most N steps to be freed.
+    gc_every_steps: int = 50
     # Where rank 0 writes metrics, logs and results; the Hydra run directory by default.
     output_dir: str = "outputs/manual"
 
@@ -320,6 +324,10 @@ class TrainConfig:
         _require(
             self.dist_timeout_s >= 1,
             f"train.dist_timeout_s={self.dist_timeout_s} must be 1 or more (seconds a collective may wait).",
+        )
+        _require(
+            self.gc_every_steps >= 0,
+            f"train.gc_every_steps={self.gc_every_steps} cannot be negative (0: Python's automatic collection).",
         )
         _require(self.clip_grad_norm >= 0, f"train.clip_grad_norm={self.clip_grad_norm} cannot be negative (0: off).")
         _one_of("train.precision", self.precision, PRECISIONS)

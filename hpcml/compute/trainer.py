@@ -35,6 +35,7 @@ from hpcml.compute.preempt import BoundaryDecision, StopCoordinator, StopReason
 from hpcml.compute.run_checkpoints import RunCheckpoints
 from hpcml.compute.run_result import TrainingResult, parameters_checksum, write_result
 from hpcml.compute.stall_report import StallReport
+from hpcml.compute.step_gc import StepAlignedGC
 from hpcml.compute.tasks import split_step_output
 from hpcml.config import TrainJobConfig
 from hpcml.errors import ConfigError, DataError
@@ -129,6 +130,8 @@ class Trainer:
         self.loss_watch = NonFiniteLossWatch(ctx)
         # A step still running half-way to the collective timeout is a hang in the making: its stacks are logged.
         self.stall_report = StallReport(cfg.train.dist_timeout_s / 2)
+        # Garbage collection at the same step boundaries on every rank, while the loop runs (fit).
+        self.step_gc = StepAlignedGC(cfg.train.gc_every_steps)
         self.step_metrics = StepMetricsAverager(ctx, type(self.task).__name__)
         self.checkpoints = RunCheckpoints(
             cfg.checkpoint, ctx, self.checkpoint_dir, self.stateful, collective_timeout_s=cfg.train.dist_timeout_s
@@ -341,6 +344,7 @@ class Trainer:
         metrics = MetricsWriter(self.output_dir, self.ctx.is_main, self.cfg.train.steps, self.step)
         started = time.perf_counter()
         try:
+            self.step_gc.start()
             trained = self.train_until_done(metrics)
             self.stall_report.close()  # the final save and evaluation are no step
             if trained.stopped is not StopReason.NONE:
@@ -357,6 +361,7 @@ class Trainer:
             self.checkpoints.close()  # the old checkpoints were deleted while it evaluated
         finally:
             self.stall_report.close()
+            self.step_gc.close()
             metrics.close()
             self.batches.close()
         result = TrainingResult(
@@ -392,6 +397,7 @@ class Trainer:
             if trained.first_step_at is None:
                 trained.first_step_at = time.time()
             window_steps += 1
+            self.step_gc.step_ended(self.step)
             metrics.advance()
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 self.loss_watch.check(self.step)
