@@ -5,7 +5,8 @@ A collection pauses the rank that runs it, and a collective waits for its slowes
 one rank in the middle of a step or a save holds every rank. Measured in the sharding benchmark (4 ranks, 40 MB
 checkpoint): rank 0's full collections took 0.14 s, set off by the objects a sharded save's planning makes,
 every second save or so, while the other ranks waited in the next gather; with the collector run at step
-boundaries instead, the save took 0.26 s against 0.37-0.40 s. torchtitan runs its collector the same way
+boundaries instead, the save took 0.23-0.26 s against 0.34-0.40 s (medians of four benchmark runs, two
+each way). torchtitan runs its collector the same way
 (`gc_freq`). Objects without cycles are freed by reference counting as before; only cycles wait for the
 next collection, `every_steps` steps at most.
 """
