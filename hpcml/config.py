@@ -304,7 +304,8 @@ class TrainConfig:
     dist_timeout_s: int = 300
     # Python's garbage collector runs every N steps on every rank at once, not whenever one rank's allocations
     # cross a threshold (a full collection pauses that rank, and every collective waits for it); 0: Python's
-    # automatic collection. Cycles (only they: the rest is freed at once) wait at most N steps to be freed.
+    # automatic collection. Only reference cycles wait for it (the rest is freed at once): up to N steps, or 10N
+    # for a cycle that lived through two collections first. Lower it, or 0, if a model's cycles hold memory.
     gc_every_steps: int = 50
     # Where rank 0 writes metrics, logs and results; the Hydra run directory by default.
     output_dir: str = "outputs/manual"

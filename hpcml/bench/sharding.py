@@ -11,6 +11,7 @@ shared machine would bury that in the allocator's and the interpreter's own. Rou
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import statistics
@@ -95,32 +96,31 @@ def training_state_bytes(trainer: Trainer) -> dict[str, int]:
 
 def settled(trainers: list[Trainer]) -> None:
     """Off the clock of the save to come: every trainer's deletion of the checkpoints its last save made old,
-    and the flush of every earlier write. In training, a deletion runs in the background while the steps up to
-    the next save go on (BackgroundPruner); saves timed back to back would each pay the one before, or another
-    trainer's: 0.06-0.08 s of a 0.47 s save of 345 MB at 2 ranks (measured). The deletions are kept rather than
-    skipped: on this VM's disk, a write to blocks never written before ran up to 3x slower than one to freed
-    blocks (0.9-1.2 s against 0.31-0.34 s for rank 0's 345 MB, measured), and the disk's own figure reuses its
-    file's blocks."""
+    the flush of every earlier write, and a young garbage collection (what fit runs at step boundaries). In
+    training, a deletion runs in the background while the steps up to the next save go on (BackgroundPruner);
+    saves timed back to back would each pay the one before, or another trainer's: 0.06-0.08 s of a 0.47 s save
+    of 345 MB at 2 ranks (measured). The deletions are kept rather than skipped: on this VM's disk, a write to
+    blocks never written before ran up to 3x slower than one to freed blocks (0.9-1.2 s against 0.31-0.34 s
+    for rank 0's 345 MB, measured), and the disk's own figure reuses its file's blocks."""
     for trainer in trainers:
         trainer.checkpoints.close()  # the save in flight, if any, and the deletion after it; the writers go on
+    gc.collect(1)
     os.sync()
     dist.barrier()
 
 
-def timed_save(trainer: Trainer, others: list[Trainer]) -> float:
-    """One synchronous save of the trainer's state, as a stop makes it; every rank waits for the commit. The
-    `others` are settled too (settled)."""
-    settled([trainer, *others])
+def timed_save(trainer: Trainer) -> float:
+    """One synchronous save of the trainer's state, as a stop makes it; every rank waits for the commit (the
+    caller has settled the disk)."""
     started = time.perf_counter()
     trainer.save(wait=True)
     dist.barrier()
     return time.perf_counter() - started
 
 
-def timed_async_stall(trainer: Trainer, others: list[Trainer]) -> float:
-    """How long an asynchronous save holds the training thread (every rank's, the slowest's); the write that
-    goes on in the background is waited for afterwards, outside the figure. The `others` are settled first."""
-    settled([trainer, *others])
+def timed_async_stall(trainer: Trainer) -> float:
+    """How long an asynchronous save holds the training thread (every rank's, the slowest's; the caller has
+    settled the disk); the write that goes on in the background is waited for afterwards, outside the figure."""
     started = time.perf_counter()
     trainer.save(wait=False)
     blocked = time.perf_counter() - started
@@ -155,12 +155,16 @@ def measure(v: Variant, ctx, budget_s: float, rounds: int, workdir: Path, kept: 
     stalls_s: list[float] = []
     size = 0
     # An attempt's first asynchronous save also allocates the CPU buffers every later one refills: timed apart.
-    first_stall_s = timed_async_stall(asynchronous, list(trainers.values()))
+    everyone = [*trainers.values(), asynchronous]
+    settled(everyone)
+    first_stall_s = timed_async_stall(asynchronous)
     for _ in range(rounds):
         for sync, step in steps.items():
             rounds_s[sync].append(mean_time(step, iters, warmup=1))
-            saves_s[sync].append(timed_save(trainers[sync], [*trainers.values(), asynchronous]))
-        stalls_s.append(timed_async_stall(asynchronous, list(trainers.values())))
+            settled(everyone)
+            saves_s[sync].append(timed_save(trainers[sync]))
+        settled(everyone)
+        stalls_s.append(timed_async_stall(asynchronous))
         if ctx.is_main:  # the disk's own speed for as many bytes as the sharded checkpoint holds
             size, disk = disk_for_newest_checkpoint(trainers["fsdp"].checkpoint_dir, workdir)
             disk_s.append(disk)
@@ -202,7 +206,8 @@ def measure_saves(v: Variant, ctx, rounds: int, workdir: Path) -> dict:
             # Each save of a step of its own, as in training (the same state: no step is trained between). A save
             # of a step already saved replaces its folder inside the commit, which only a resumed run does.
             trainer.step += 1
-            saves_s[sync].append(timed_save(trainer, list(trainers.values())))
+            settled(list(trainers.values()))
+            saves_s[sync].append(timed_save(trainer))
         if ctx.is_main:
             size, disk = disk_for_newest_checkpoint(trainers["fsdp"].checkpoint_dir, workdir)
             disk_s.append(disk)
@@ -231,7 +236,8 @@ def measure_reshard(v: Variant, ctx, rounds: int, workdir: Path, kept: Path) -> 
     resharded = make_trainer(v, ctx, workdir / "resharded", "fsdp")
     same = make_trainer(v, ctx, workdir / "same", "fsdp")
     training.loop_step(same)()
-    timed_save(same, [])
+    settled([same])
+    timed_save(same)
     if ctx.is_main:
         saved = list_checkpoints(kept)[0]
         shutil.copytree(saved, resharded.checkpoint_dir / saved.name)
@@ -253,7 +259,8 @@ def measure_all(variants: list[Variant], ctx, budget_s: float, rounds: int, work
     # One worker module, two runs: the RANKS-rank run leaves its checkpoint for the RESHARD_RANKS-rank one.
     (v,) = [v for v in variants if not v.saves_only]  # one checkpoint is kept between the runs
     kept = workdir.parent / SAVED_AT_RANKS
-    # Garbage collected as Trainer.fit has it: not while a step or a save runs (the steps here collect none).
+    # Automatic garbage collection off, as in fit's loop; the young collection fit makes at step boundaries
+    # runs before each timed save (settled).
     with StepAlignedGC(TrainConfig().gc_every_steps):
         if ctx.world_size == RESHARD_RANKS:
             rows = [measure_reshard(v, ctx, rounds, workdir, kept)]
@@ -345,6 +352,12 @@ def run(quick: bool, workdir: Path) -> BenchResult:
         "Memory counts each rank's parameter, gradient and optimizer-state bytes after a step (sharded tensors: "
         "the local shard). FSDP keeps what no unit holds (here the embeddings, final norm and head) in the root "
         "unit, sharded too; the unsharded, gathered parameters of the unit running are transient and not counted."
+    )
+    result.notes.append(
+        "Each save is timed with the disk settled: earlier writes flushed, the deletions of older checkpoints that "
+        "the saves before it began finished, and the young garbage collection fit makes at step boundaries done; in "
+        f"training all three happen between saves. The big state's saves are timed at {RESHARD_RANKS} ranks too "
+        f"({os.cpu_count()} cores here)."
     )
     if (os.cpu_count() or 1) < RANKS:
         result.notes.append(

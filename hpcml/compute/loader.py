@@ -16,7 +16,6 @@ from __future__ import annotations
 import _random
 import atexit
 import functools
-import gc
 import queue
 import random
 import signal
@@ -100,16 +99,12 @@ def _same_state(a: Any, b: Any) -> bool:
     return a == b
 
 
-def start_worker(signals: tuple[int, ...], worker_id: int) -> None:
+def ignore_stop_signals(signals: tuple[int, ...], worker_id: int) -> None:
     """A DataLoader worker's first act: ignore the stop signals, then let them through (they were blocked
     across the fork: see BatchSource._start_workers). Slurm signals every process of a step, workers
     included; a worker that heard SIGTERM exited (measured: the rank then failed with "DataLoader worker
     ... killed by signal: Terminated" and the job with it), where its rank would have saved and requeued.
-    The rank alone acts on a stop; its workers end with it.
-
-    And collect garbage automatically: a worker forked while its rank's automatic collection is off
-    (step_gc.StepAlignedGC) inherits that, and no step boundary ever collects the cycles its Dataset makes."""
-    gc.enable()
+    The rank alone acts on a stop; its workers end with it."""
     for signum in signals:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
@@ -352,7 +347,7 @@ class BatchSource:
 
     def _start_workers(self, start_step: int) -> BackgroundReceiver:
         """A loader iterator from `start_step`, its workers forked with the stop signals blocked: a signal in
-        the moment between a worker's fork and its start_worker would otherwise kill it (seen in
+        the moment between a worker's fork and its ignore_stop_signals would otherwise kill it (seen in
         tests). The rank's own copy of such a signal stays pending while blocked and is handled right after.
         The receiving thread starts with them blocked too, and keeps them so: a stop signal is the training
         thread's to hear at once, not after the batch it waits for arrives. The workers are forked before
@@ -395,7 +390,7 @@ class BatchSource:
             prefetch_factor=c.prefetch_factor,
             multiprocessing_context=c.multiprocessing_context,
             timeout=c.timeout_s,
-            worker_init_fn=functools.partial(start_worker, self.stop_signals),
+            worker_init_fn=functools.partial(ignore_stop_signals, self.stop_signals),
             # Starting an iterator draws the workers' base seed from this generator; from the global one it
             # would move the rank's random stream (dropout) at a resume's first step and not at step 0, and the
             # resumed run would differ. The workers' own streams do not matter: every sample is seeded.

@@ -130,7 +130,8 @@ class Trainer:
         self.loss_watch = NonFiniteLossWatch(ctx)
         # A step still running half-way to the collective timeout is a hang in the making: its stacks are logged.
         self.stall_report = StallReport(cfg.train.dist_timeout_s / 2)
-        # Garbage collection at the same step boundaries on every rank, while the loop runs (fit).
+        # Garbage collected at the same step boundaries on every rank while fit's loop runs; automatically
+        # during an evaluation and after the loop.
         self.step_gc = StepAlignedGC(cfg.train.gc_every_steps)
         self.step_metrics = StepMetricsAverager(ctx, type(self.task).__name__)
         self.checkpoints = RunCheckpoints(
@@ -346,6 +347,7 @@ class Trainer:
         try:
             self.step_gc.start()
             trained = self.train_until_done(metrics)
+            self.step_gc.close()
             self.stall_report.close()  # the final save and evaluation are no step
             if trained.stopped is not StopReason.NONE:
                 self.checkpoints.close()
@@ -360,8 +362,8 @@ class Trainer:
                 metrics.write(self.step, evaluated)
             self.checkpoints.close()  # the old checkpoints were deleted while it evaluated
         finally:
-            self.stall_report.close()
             self.step_gc.close()
+            self.stall_report.close()
             metrics.close()
             self.batches.close()
         result = TrainingResult(
@@ -407,7 +409,8 @@ class Trainer:
             self._step_estimate_s = 0.9 * self._step_estimate_s + 0.1 * (time.perf_counter() - step_started)
             if self.evaluates_after(self.step):
                 started = time.perf_counter()
-                metrics.write(self.step, self.evaluate())
+                with self.step_gc.paused():  # however many batches it takes
+                    metrics.write(self.step, self.evaluate())
                 self._eval_estimate_s = time.perf_counter() - started
                 window_start += self._eval_estimate_s  # the logged throughput is training's alone
             decision = self.boundary_decision()

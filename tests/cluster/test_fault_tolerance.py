@@ -112,7 +112,7 @@ def test_every_kind_of_interrupt_in_one_sharded_run_of_user_code_at_a_strict_sit
     log = rank0_log(out, job)
     assert all(f"stopping at step {step} (signal)" in log for step in at), log[-3000:]
     assert_a_restart_per_interrupt(attempts(job), log, len(kinds), STEPS)
-    # Every attempt trained with its garbage collected at step boundaries (the default), forked loader workers too.
+    # Every attempt trained with its garbage collected at step boundaries (the default).
     assert log.count("garbage collected every 50 steps, by every rank at the same step") == len(attempts(job))
 
 
