@@ -6,9 +6,10 @@ one rank in the middle of a step or a save holds every rank. Measured in the sha
 checkpoint): rank 0's full collections took 0.14 s, set off by the objects a sharded save's planning makes,
 every second save or so, while the other ranks waited in the next gather; with the collector run at step
 boundaries instead, the save took 0.23-0.26 s against 0.34-0.40 s (medians of four benchmark runs, two
-each way; 0.24 s in a full run whose saves each follow a young collection, as one at a step boundary). torchtitan runs its collector the same way (`gc_freq`). Objects without cycles are freed by
-reference counting as before. A cycle waits for the next collection, at most `every_steps` steps, or, if it
-lived through two collections first, for the next full one, at most FULL_EVERY times that.
+each way; 0.24 s in a full run whose saves each follow a young collection, as one at a step boundary).
+torchtitan runs its collector the same way (`gc_freq`). Objects without cycles are freed by reference
+counting as before. A cycle waits for the next collection, at most `every_steps` steps, or, if it lived
+through two collections first, for the next full one, at most FULL_EVERY times that.
 """
 
 from __future__ import annotations
