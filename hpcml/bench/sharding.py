@@ -321,8 +321,9 @@ def save_figures(r: dict) -> list[Figure]:
     ]  # fmt: skip
     if r["disk_write_s"]:
         figures.append(
-            Figure.from_rounds("sharding", f"{r['name']}: sharded save at {r['ranks']} ranks against the disk, same bytes ({size})", "s",
-                               r["saves_s"]["fsdp"], "one write + fsync of as many bytes", r["disk_write_s"],
+            Figure.from_rounds("sharding",
+                               f"{r['name']}: sharded save at {r['ranks']} ranks against the disk, same bytes ({size})",
+                               "s", r["saves_s"]["fsdp"], "one write + fsync of as many bytes", r["disk_write_s"],
                                higher_is_better=False, target=DISK_TARGET)
         )  # fmt: skip
     return figures
