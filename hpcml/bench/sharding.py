@@ -2,7 +2,7 @@
 sharded save (every rank writes its shard) against rank 0 writing the whole state, and against the disk;
 how long an asynchronous sharded save blocks training against a synchronous one; and, at 2 ranks, a resume
 from the checkpoint the 4 ranks wrote (resharded while loading) against a resume from one of the same
-shapes and size written at 2, and the saves of the big state again (there, a rank per core).
+shapes and size written at 2, and the saves of the big state again (on a 2-core machine, a rank per core).
 
 Memory is counted, not sampled: the bytes of the parameters, gradients and optimizer state each rank holds
 after a step (a sharded tensor's local shard), which is what sharding divides; a process's peak RSS on this
@@ -261,7 +261,7 @@ def measure_all(variants: list[Variant], ctx, budget_s: float, rounds: int, work
     kept = workdir.parent / SAVED_AT_RANKS
     # Automatic garbage collection off, as in fit's loop; the young collection fit makes at step boundaries
     # runs before each timed save (settled).
-    with StepAlignedGC(TrainConfig().gc_every_steps):
+    with StepAlignedGC(TrainConfig.gc_every_steps):  # the default
         if ctx.world_size == RESHARD_RANKS:
             rows = [measure_reshard(v, ctx, rounds, workdir, kept)]
         else:
