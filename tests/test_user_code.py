@@ -44,11 +44,25 @@ def run(tmp_path, *extra, check=False):
     )
 
 
+def run_under_torchrun(tmp_path, *extra):
+    """As `run`, launched by torchrun: no MPI world, so every collective goes through torch.distributed."""
+    import subprocess
+
+    from helpers import PYTHON, ROOT, TRAIN, mpi_env
+
+    args = [*USE, *RUN, *extra, f"train.output_dir={tmp_path}", f"hydra.run.dir={tmp_path}", "train.backend=gloo"]
+    cmd = [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={RANKS}", TRAIN, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.mpi
-def test_a_nan_loss_on_one_rank_fails_the_job_naming_rank_and_step_and_is_never_saved(tmp_path):
+@pytest.mark.parametrize("launcher", ["mpirun", "torchrun"])
+def test_a_nan_loss_on_one_rank_fails_the_job_naming_rank_and_step_and_is_never_saved(launcher, tmp_path):
+    """Under mpirun the ranks compare their first bad steps over MPI, under torchrun over torch.distributed."""
     sample, step, rank = a_sample_first_used_in(range(11, 15))
     started = time.monotonic()
-    done = run(tmp_path, f"+data.train.poison={sample}", "checkpoint.every_steps=5")
+    launch = run_under_torchrun if launcher == "torchrun" else run
+    done = launch(tmp_path, f"+data.train.poison={sample}", "checkpoint.every_steps=5")
     assert done.returncode != 0 and time.monotonic() - started < 90
     assert f"NonFiniteLossError: the loss was not finite (NaN or inf) on rank {rank} at step {step}" in done.stderr
     assert "stopped at step 15 without saving" in done.stderr  # the next save found it first

@@ -127,7 +127,7 @@ class Trainer:
             self.stateful["grad_scaler"] = self.precision
         if hasattr(self.task, "state_dict") and hasattr(self.task, "load_state_dict"):
             self.stateful["task"] = self.task
-        self.loss_watch = NonFiniteLossWatch(ctx)
+        self.loss_watch = NonFiniteLossWatch(ctx, cfg.train.dist_timeout_s)
         # A step still running half-way to the collective timeout is a hang in the making: its stacks are logged.
         self.stall_report = StallReport(cfg.train.dist_timeout_s / 2)
         # Garbage collected at the same step boundaries on every rank while fit's loop runs; automatically
