@@ -28,6 +28,7 @@ BACKENDS = ("auto", "gloo", "nccl")
 GRAD_SYNCS = ("ddp", "flat", "fsdp")
 TRANSPORTS = ("auto", "torch", "mpi")
 PRECISIONS = ("fp32", "bf16", "fp16")
+FREED_HOST_MEMORY = ("auto", "return", "keep")
 RESUME_MODES = ("auto", "none")
 NCCL_DEBUG_LEVELS = ("", "VERSION", "WARN", "INFO", "TRACE")
 
@@ -307,6 +308,10 @@ class TrainConfig:
     # automatic collection. Only reference cycles wait for it (the rest is freed at once): up to N steps, or 10N
     # for a cycle that lived through two collections first. Lower it, or 0, if a model's cycles hold memory.
     gc_every_steps: int = 50
+    # Large blocks of host memory a rank frees (FSDP's gathered parameters, every step on CPUs): return (to the
+    # OS at once: a sharded rank then peaks lower) or keep (glibc's default: reused, faster steps, but FSDP on
+    # CPUs then peaked above DDP). auto: return for fsdp on CPUs, keep otherwise. MALLOC_* variables win.
+    freed_host_memory: str = "auto"
     # Where rank 0 writes metrics, logs and results; the Hydra run directory by default.
     output_dir: str = "outputs/manual"
 
@@ -332,6 +337,7 @@ class TrainConfig:
         )
         _require(self.clip_grad_norm >= 0, f"train.clip_grad_norm={self.clip_grad_norm} cannot be negative (0: off).")
         _one_of("train.precision", self.precision, PRECISIONS)
+        _one_of("train.freed_host_memory", self.freed_host_memory, FREED_HOST_MEMORY)
         _one_of("train.backend", self.backend, BACKENDS)
         _require(
             self.grad_sync != "mpi",

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from hpcml.compute import early_signals, mpi, slurm_job, step_record
+from hpcml.compute import early_signals, host_memory, mpi, slurm_job, step_record
 from hpcml.compute.dist import DistributedContext, broadcast_from_rank0, setup_distributed, teardown_distributed
 from hpcml.compute.drills import crash_if_drilled, install_fault_drills
 from hpcml.compute.env import detect_environment
@@ -226,7 +226,10 @@ def run_training(cfg: TrainJobConfig) -> int:
                 ctx.backend,
                 ctx.device,
             )
+            # Before the model is built: blocks allocated earlier keep the kind they were given.
+            freed = host_memory.apply(cfg.train.freed_host_memory, cfg.train.grad_sync, ctx.device)
             if ctx.is_main:
+                log.info("%s", freed)
                 step_record.mark_formed()  # from here on a failure is the job's own, not start-up's
                 record_job(Path(cfg.train.output_dir), ctx.placement.num_nodes)
             coordinator = stop_coordinator(cfg, ctx, guard)
