@@ -52,3 +52,7 @@ def test_the_quick_benchmarks_that_need_no_cluster_write_results_and_a_summary(t
     allreduce = records["allreduce"]
     assert {row["ddp_transport"] for row in allreduce["measurements"]} <= {"torch", "mpi"}
     assert {row["flat_transport"] for row in allreduce["measurements"]} <= {"torch", "mpi"}
+    # The host-memory runs set the allocator as their names say (each run is a process of its own).
+    policies = {row["run"]: row["policy"] for row in records["host_memory"]["measurements"]}
+    assert policies["fsdp, returned"].startswith("freed host memory returns to the OS at once")
+    assert policies["fsdp, kept"].startswith("freed host memory stays in glibc's heap")

@@ -24,6 +24,7 @@ BENCHMARKS = {
     "seam": "hpcml.bench.seam",
     "lm": "hpcml.bench.lm",
     "sharding": "hpcml.bench.sharding",
+    "host_memory": "hpcml.bench.host_memory",
     "checkpoints": "hpcml.bench.checkpoints",
     "startup": "hpcml.bench.startup",
     "submission": "hpcml.bench.submission",
