@@ -310,7 +310,8 @@ class TrainConfig:
     gc_every_steps: int = 50
     # Large blocks of host memory a rank frees (FSDP's gathered parameters, every step on CPUs): return (to the
     # OS at once: a sharded rank then peaks lower) or keep (glibc's default: reused, faster steps, but FSDP on
-    # CPUs then peaked above DDP). auto: return for fsdp on CPUs, keep otherwise. MALLOC_* variables win.
+    # CPUs then peaked above DDP). auto: return for fsdp on CPUs, keep otherwise. A threshold set in the
+    # environment (MALLOC_MMAP_THRESHOLD_ and the like, hpcml/compute/host_memory.py) wins.
     freed_host_memory: str = "auto"
     # Where rank 0 writes metrics, logs and results; the Hydra run directory by default.
     output_dir: str = "outputs/manual"

@@ -3,14 +3,13 @@ glibc's heap (train.freed_host_memory), and what returning them costs a step.
 
 Each run is a job of its own (the allocator's setting holds for a whole process, and so does a peak), on the
 sharding benchmark's big LM at 4 ranks; rounds alternate the runs. A rank's peak is counted from its
-resident memory just before the model is built: the interpreter's and torch's own come first, the same for
-every run.
+resident memory just before the model is built, with the kernel's peak reset there: the interpreter's and
+torch's own come first, the same for every run.
 """
 
 from __future__ import annotations
 
 import os
-import resource
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from hpcml.compute.step_gc import StepAlignedGC
 from hpcml.compute.transport import mean_time
 from hpcml.config import TrainConfig
 
-RANKS = 4
+RANKS = sharding.RANKS  # the global batch make_trainer sizes is for this many
 WARMUP_STEPS = 2  # FSDP's and the allocator's first steps lay out what later ones reuse
 
 
@@ -43,27 +42,34 @@ class Run:
         return 2 if self.quick else 4
 
 
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def memory_status(field: str) -> int:
+    """/proc/self/status's `field` (VmRSS, VmHWM: resident now, its peak), in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024  # in kB there
+    raise RuntimeError(f"/proc/self/status has no {field}: this benchmark needs Linux")
 
 
-def peak_resident_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts it in KiB
+def reset_peak_resident() -> None:
+    """VmHWM from here on (Linux 4.0+): what the process held at its peak before, importing, is not counted."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
 
 
 def measure_all(runs: list[Run], ctx, budget_s: float, rounds: int, workdir: Path) -> list[dict]:
-    (run,) = runs  # one per process: the allocator's setting and the peak are the process's
-    before = resident_bytes()
-    said = host_memory.apply(run.freed_host_memory, run.grad_sync, ctx.device, environ={})
+    (this,) = runs  # one per process: the allocator's setting and the peak are the process's
+    allocator = host_memory.apply(this.freed_host_memory, this.grad_sync, ctx.device)
+    reset_peak_resident()
+    before = memory_status("VmRSS")
     with StepAlignedGC(TrainConfig.gc_every_steps):
-        trainer = sharding.make_trainer(run.model, ctx, workdir, run.grad_sync)
+        trainer = sharding.make_trainer(this.model, ctx, workdir, this.grad_sync)
         step = training.loop_step(trainer)
-        step_s = mean_time(step, iters=run.steps, warmup=WARMUP_STEPS)
+        step_s = mean_time(step, iters=this.steps, warmup=WARMUP_STEPS)
         trainer.checkpoints.close()
-    grown = torch.tensor([float(peak_resident_bytes() - before)])
+    grown = torch.tensor([float(memory_status("VmHWM") - before)])
     torch.distributed.all_reduce(grown, op=torch.distributed.ReduceOp.MAX)  # the rank nearest running out
-    return [{"run": run.name, "policy": said, "ranks": ctx.world_size, "peak_growth_bytes": float(grown),
+    return [{"run": this.name, "policy": allocator, "ranks": ctx.world_size, "peak_growth_bytes": float(grown),
              "step_s": step_s}]  # fmt: skip
 
 
@@ -102,12 +108,12 @@ def run(quick: bool, workdir: Path) -> BenchResult:
     runs = runs_for(quick)
     result = BenchResult("host_memory", quick, {"rounds": rounds, "cpu_cores": os.cpu_count()})
     for _ in range(rounds):
-        for r in runs:
-            result.measurements.extend(training.measure_on_ranks(__name__, RANKS, [r], 0.0, 1, workdir))
+        for one in runs:
+            result.measurements.extend(training.measure_on_ranks(__name__, RANKS, [one], 0.0, 1, workdir))
     result.figures = figures_for(result.measurements, runs[0].model)
     result.notes.append(
-        "Peak host memory is each rank's peak resident memory less what it held just before the model was built "
-        "(the rank with the most). Every run is a process of its own; rounds alternate them."
+        "Peak host memory is each rank's peak resident memory (VmHWM, reset just before the model was built) less "
+        "what it held then, for the rank with the most. Every run is a process of its own; rounds alternate them."
     )
     if (os.cpu_count() or 1) < RANKS:
         result.notes.append(f"{RANKS} ranks on {os.cpu_count()} cores: step times are on oversubscribed cores.")

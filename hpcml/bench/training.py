@@ -18,6 +18,7 @@ run, a separate launch: their rounds are paired by number, not alternated.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -203,6 +204,9 @@ def variants_worker(variant_type: type, measure_all: Callable[..., list[dict]], 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     variants = [variant_type(**v) for v in json.loads(a.variants)]
     rows = measure_all(variants, ctx, a.budget_s, a.rounds, a.out.parent)
+    # The trainers' DDP and FSDP state hold the process group through reference cycles: freed now, before it is
+    # torn down, not in the collector's last pass at exit (as hpcml.compute.runtime does).
+    gc.collect()
     teardown_distributed()
     if ctx.is_main:
         a.out.write_text(json.dumps(rows))

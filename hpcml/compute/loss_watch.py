@@ -6,9 +6,8 @@ logging step and before every save (both already synchronise). One rank's NaN re
 the gradient average, so a save after it would write NaN weights over the last good checkpoint: `check`
 runs first and fails the job instead.
 
-With an MPI world the steps are compared over MPI, as the step-boundary stop agreement is: gloo's all-gather
-of these few integers took 2-7 ms on 4 ranks here, MPI's 0.2-0.4 ms (measured), and an asynchronous save
-holds training for this check too.
+With an MPI world the steps are compared over MPI, as the step-boundary stop agreement is: an order of
+magnitude faster than gloo for these few integers, and an asynchronous save holds training for this check.
 """
 
 from __future__ import annotations
@@ -38,7 +37,8 @@ class NonFiniteLossWatch:
 
     def check(self, step: int) -> None:
         """A collective: every rank raises NonFiniteLossError if any rank has seen a non-finite loss."""
-        bad = {rank: step for rank, step in enumerate(self.every_ranks_first_bad_step()) if step != NOT_SEEN}
+        seen = self.every_ranks_first_bad_step()
+        bad = {rank: first_bad for rank, first_bad in enumerate(seen) if first_bad != NOT_SEEN}
         if bad:
             first = min(bad, key=lambda rank: (bad[rank], rank))
             raise NonFiniteLossError(

@@ -114,7 +114,7 @@ def test_every_kind_of_interrupt_in_one_sharded_run_of_user_code_at_a_strict_sit
     assert_a_restart_per_interrupt(attempts(job), log, len(kinds), STEPS)
     # Every attempt trained with its garbage collected at step boundaries (the default).
     assert log.count("garbage collected every 50 steps, by every rank at the same step") == len(attempts(job))
-    # And its ranks returned freed host memory to the OS: the default for FSDP on CPUs (train.freed_host_memory).
+    # And rank 0 said its freed host memory went back to the OS: the default for FSDP on CPUs.
     returned = "freed host memory returns to the OS at once: blocks of 128 KiB or more are unmapped when freed"
     assert log.count(f"{returned} (train.freed_host_memory=auto;") == len(attempts(job))
 
