@@ -17,7 +17,9 @@ SHELL = ROOT / "hpcml" / "compute" / "batch_shell.sh"
 
 # A step that records each launch, then does what FATE_<launch number> says: "ok", "formed:<rc>" (the
 # ranks formed their world, then exited rc), "user:<rc>" (a config error), "crash:<rc>" (died at start-up),
-# "wait" (runs until it gets USR2, then exits 3 as stopped ranks do).
+# "wait" (runs until it gets USR2, then exits 3 as stopped ranks do), "finished:<rc>" (rank 0 marked the run
+# finished, then the step ended rc: killed as it exited), "finishing" (marked finished, exits 0 a second
+# later, and would die of USR2, as a launcher shutting down may).
 STEP = r"""#!/bin/bash
 n=$(( $(cat "$WORK/launches" 2>/dev/null || echo 0) + 1 )); echo $n > "$WORK/launches"
 echo "retries=$HPCML_STARTUP_RETRIES" >> "$WORK/env"
@@ -40,6 +42,11 @@ case $fate in
           echo "mpirun noticed that process rank 2 with PID 4242 on node ${node_signal%:*} exited on signal ${node_signal#*:} (Killed)." >&2
           echo "--------------------------------------------------------------------------" >&2
           exit 137 ;;
+  finished:*) mkdir -p "$HPCML_STEP_RECORD"; touch "$HPCML_STEP_RECORD/formed" "$HPCML_STEP_RECORD/finished"
+          echo "srun: error: n1: tasks 0-1: Killed" >&2; exit ${fate#*:} ;;
+  finishing) mkdir -p "$HPCML_STEP_RECORD"; touch "$HPCML_STEP_RECORD/formed" "$HPCML_STEP_RECORD/finished"
+          trap 'echo got-usr2 >> "$WORK/signals"; exit 140' USR2
+          touch "$WORK/waiting"; for i in $(seq 20); do sleep 0.05; done; exit 0 ;;
   wait) trap 'echo got-usr2 >> "$WORK/signals"; echo "[rank 0] saved after the stop" >&2; exit 3' USR2
         touch "$WORK/waiting"
         for i in $(seq 200); do sleep 0.05; done; exit 9 ;;
@@ -211,6 +218,25 @@ def test_a_term_to_the_shell_reaches_the_step_as_the_stop_signal(tmp_path):
     assert launches(work) == 1
 
 
+def test_a_step_killed_after_its_ranks_finished_the_run_is_no_failure_and_no_lost_node(tmp_path):
+    """A cancel or a signal reaching a step after rank 0 marked the run finished (every rank past the last
+    barrier): the job is done, not failed, and its node is not taken for lost."""
+    proc, work = run_step(tmp_path, FATE_1="finished:137")
+    assert proc.wait(30) == 0 and launches(work) == 1
+    assert "ended with exit 137 after its ranks had finished the run" in proc.stderr.read()
+    assert not (work / "scontrol").exists()  # no requeue, no migration
+
+
+def test_a_stop_for_a_step_whose_ranks_finished_is_not_passed_on(tmp_path):
+    """A time-limit warning that comes as the ranks exit: passed on, it could kill the launcher shutting down
+    (mpirun exited 140, and a finished job ended FAILED, measured). The shell keeps it."""
+    proc, work = run_step(tmp_path, FATE_1="finishing")
+    wait_for(work / "waiting")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert not (work / "signals").exists()
+
+
 # The step "dies of" the forwarded signal before forming its world: exit 140 (USR2) with no mark.
 DIES_OF_THE_STOP = STEP.replace("exit 3' USR2", "exit 140' USR2")
 
@@ -276,3 +302,34 @@ def test_a_stop_after_the_job_was_requeued_needs_no_accounting_and_no_requeue(tm
     assert not (work / "sacct_calls").exists()
     assert "requeue 7" not in (work / "scontrol").read_text().splitlines()
     assert "Slurm is requeueing job 7 already" in err
+
+
+@pytest.mark.parametrize(
+    ("fault", "code"),
+    [
+        ([], 0),
+        (["fault.raise_at_step=2"], 1),
+        # Stopped by a signal outside Slurm: saved, not requeued (exit 4), which must not pass for a finished run.
+        (["fault.hold_for_signal_at_steps=[2]"], 4),
+    ],
+    ids=["finished", "failed", "stopped"],
+)
+def test_rank_0_marks_the_run_finished_only_when_it_ended_well(tmp_path, fault, code):
+    """The mark the two tests above act on, from a real run: written once the run ended well, and not after a
+    failure or a stop (whose exit statuses the shell must keep)."""
+    from helpers import PYTHON, TRAIN
+
+    record, stderr = tmp_path / "record", tmp_path / "stderr"
+    args = ["train.steps=3", "train.global_batch_size=8", f"train.output_dir={tmp_path}", f"hydra.run.dir={tmp_path}"]
+    with stderr.open("w") as err:
+        proc = subprocess.Popen(
+            [PYTHON, TRAIN, *args, *fault], cwd=ROOT, env={**os.environ, "HPCML_STEP_RECORD": str(record)}, stderr=err
+        )
+        if code == 4:
+            deadline = time.monotonic() + 60
+            while "holding at step 2" not in stderr.read_text():
+                assert time.monotonic() < deadline and proc.poll() is None, stderr.read_text()[-3000:]
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGUSR2)
+        assert proc.wait(120) == code, stderr.read_text()[-3000:]
+    assert (record / "formed").exists() and (record / "finished").exists() == (code == 0)

@@ -33,7 +33,9 @@ hpcml_run_step() {
   HPCML_STOP_REQUESTED=0
   mkdir -p "$records"
   # shellcheck disable=SC2064  # $stop is meant to expand now
-  trap "HPCML_STOP_REQUESTED=1; [ -n \"\$HPCML_STEP_PID\" ] && kill -$stop \"\$HPCML_STEP_PID\" 2>/dev/null || true" TERM "$stop"
+  # Not passed on once the ranks have finished: a launcher shutting down (mpirun, srun) may no longer catch it,
+  # and would die of it, failing a finished job.
+  trap "HPCML_STOP_REQUESTED=1; [ -n \"\$HPCML_STEP_PID\" ] && [ ! -e \"\$record/finished\" ] && kill -$stop \"\$HPCML_STEP_PID\" 2>/dev/null || true" TERM "$stop"
   while :; do
     record="$records/step-${SLURM_JOB_ID:-none}.${SLURM_RESTART_COUNT:-0}.$try"
     rm -rf "$record" "$record.launcher"
@@ -71,6 +73,11 @@ hpcml_run_step() {
       rm -rf "$(dirname "$fifo")"
     elif [ -s "$record.launcher" ]; then
       cat "$record.launcher" >&2
+    fi
+    if [ "$rc" != 0 ] && [ -e "$record/finished" ]; then
+      echo "hpcml: the step ended with exit $rc after its ranks had finished the run (a signal or a cancel as it exited); the job is done" >&2
+      rc=0
+      break
     fi
     if [ "$rc" != 0 ] && [ -e "$record/formed" ] && [ "$HPCML_STOP_REQUESTED" = 0 ] \
       && ! compgen -G "$record/user_error.*" >/dev/null; then

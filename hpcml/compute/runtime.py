@@ -257,6 +257,9 @@ def run_training(cfg: TrainJobConfig) -> int:
     teardown_distributed()
     if ctx.uses_mpi and ctx.world_size > 1:
         mpi.world().barrier()  # nobody exits (taking the store or its sockets) while a peer still tears down
+    if ctx.is_main and code == EXIT_OK:
+        # Every rank is past the barrier: a time-limit warning from here on must not fail the finished job.
+        step_record.mark_finished()
     if outcome.result is not None and ctx.is_main:  # None: stopped on request (a pruned trial), said above
         r = outcome.result
         log.info(

@@ -6,8 +6,10 @@ exit status, so the ranks say it with files in the directory the shell names in 
 `formed` once every rank has joined the world (rank 0 writes it), `user_error.<host>.<pid>` when the
 job's config or code fails (before that, or after it with an error that is not a lost peer's). A step that
 fails after `formed` with no `user_error` and with ranks killed by a signal lost a peer: the shell requeues
-the job without that node (`migrations-<job id>` lists the nodes lost so far). Outside such a shell (no
-variable) nothing is written.
+the job without that node (`migrations-<job id>` lists the nodes lost so far). `finished` (rank 0, once
+every rank has finished the run): a stop signal or a cancel that reaches the step after that is no failure
+of the job, and the shell no longer passes stop signals on to it. Outside such a shell (no variable)
+nothing is written.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ RECORDS_ENV = "HPCML_STEP_RECORDS"
 # How many times the shell has relaunched this attempt's step so far (0 for the first launch).
 RETRIES_ENV = "HPCML_STARTUP_RETRIES"
 FORMED = "formed"
+FINISHED = "finished"
 
 
 def _mark(name: str, environ: Mapping[str, str]) -> None:
@@ -38,6 +41,10 @@ def _mark(name: str, environ: Mapping[str, str]) -> None:
 
 def mark_formed(environ: Mapping[str, str] = os.environ) -> None:
     _mark(FORMED, environ)
+
+
+def mark_finished(environ: Mapping[str, str] = os.environ) -> None:
+    _mark(FINISHED, environ)
 
 
 def mark_user_error(environ: Mapping[str, str] = os.environ) -> None:
