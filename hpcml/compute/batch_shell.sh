@@ -35,7 +35,7 @@ hpcml_run_step() {
   # shellcheck disable=SC2064  # $stop is meant to expand now
   # Not passed on once the ranks have finished: a launcher shutting down (mpirun, srun) may no longer catch it,
   # and would die of it, failing a finished job.
-  trap "HPCML_STOP_REQUESTED=1; [ -n \"\$HPCML_STEP_PID\" ] && [ ! -e \"\$record/finished\" ] && kill -$stop \"\$HPCML_STEP_PID\" 2>/dev/null || true" TERM "$stop"
+  trap "HPCML_STOP_REQUESTED=1; [ -n \"\$HPCML_STEP_PID\" ] && [ ! -e \"\${record:-}/finished\" ] && kill -$stop \"\$HPCML_STEP_PID\" 2>/dev/null || true" TERM "$stop"
   while :; do
     record="$records/step-${SLURM_JOB_ID:-none}.${SLURM_RESTART_COUNT:-0}.$try"
     rm -rf "$record" "$record.launcher"
