@@ -30,8 +30,11 @@ def mpi_env() -> dict[str, str]:
     }
 
 
-def run_train(args: list[str], ranks: int = 1, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """`python jobs/train.py ARGS`, under `mpirun -np RANKS` when RANKS > 1.
+def run_train(
+    args: list[str], ranks: int = 1, timeout: float = 300, check: bool = True, launcher: str = "mpirun"
+) -> subprocess.CompletedProcess:
+    """`python jobs/train.py ARGS`, under `mpirun -np RANKS` when RANKS > 1 (or torchrun's
+    `--nproc_per_node=RANKS`: no MPI world, every collective through torch.distributed).
 
     On CPUs unless ARGS name a backend: these tests compare runs bitwise, and on a GPU machine several
     ranks would otherwise share its GPU (tests/test_gpu.py covers the GPU path).
@@ -39,7 +42,9 @@ def run_train(args: list[str], ranks: int = 1, timeout: float = 300, check: bool
     if not any(a.startswith("train.backend=") for a in args):
         args = [*args, "train.backend=gloo"]
     cmd = [PYTHON, TRAIN, *args]
-    if ranks > 1:
+    if ranks > 1 and launcher == "torchrun":
+        cmd = [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", TRAIN, *args]
+    elif ranks > 1:
         cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(ranks), *cmd]
     done = subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:

@@ -134,18 +134,10 @@ def test_a_rank_that_stops_answering_fails_the_job_after_the_timeout(launcher, t
     """A peer blocked in a collective (torch.distributed under torchrun; the MPI stop agreement or gloo under
     mpirun) gives up after train.dist_timeout_s and the whole job ends, instead of hanging for ever. Half-way
     there, the rank that stopped answering has written where it is (every thread's stack)."""
-    import subprocess
-
-    from helpers import PYTHON, ROOT, TRAIN, mpi_env
-
     args = [*STEPS, f"train.output_dir={tmp_path}", f"hydra.run.dir={tmp_path}", "train.backend=gloo"]
     args += ["fault.hang_at_step=5", "fault.rank=1", "train.dist_timeout_s=10"]
-    if launcher == "torchrun":
-        cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", TRAIN, *args]
-    else:
-        cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", "2", PYTHON, TRAIN, *args]
     started = time.monotonic()
-    done = subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=240)
+    done = run_train(args, ranks=2, timeout=240, check=False, launcher=launcher)
     took = time.monotonic() - started
     assert done.returncode != 0
     assert "fault.hang_at_step=5: this rank stops answering" in done.stderr

@@ -35,24 +35,14 @@ def a_sample_first_used_in(steps: range) -> tuple[int, int, int]:
     raise AssertionError("no such sample")
 
 
-def run(tmp_path, *extra, check=False):
+def run(tmp_path, *extra, check=False, launcher="mpirun"):
     return run_train(
         [*USE, *RUN, *extra, f"train.output_dir={tmp_path}", f"hydra.run.dir={tmp_path}"],
         ranks=RANKS,
         check=check,
         timeout=120,
+        launcher=launcher,
     )
-
-
-def run_under_torchrun(tmp_path, *extra):
-    """As `run`, launched by torchrun: no MPI world, so every collective goes through torch.distributed."""
-    import subprocess
-
-    from helpers import PYTHON, ROOT, TRAIN, mpi_env
-
-    args = [*USE, *RUN, *extra, f"train.output_dir={tmp_path}", f"hydra.run.dir={tmp_path}", "train.backend=gloo"]
-    cmd = [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={RANKS}", TRAIN, *args]
-    return subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.mpi
@@ -61,8 +51,7 @@ def test_a_nan_loss_on_one_rank_fails_the_job_naming_rank_and_step_and_is_never_
     """Under mpirun the ranks compare their first bad steps over MPI, under torchrun over torch.distributed."""
     sample, step, rank = a_sample_first_used_in(range(11, 15))
     started = time.monotonic()
-    launch = run_under_torchrun if launcher == "torchrun" else run
-    done = launch(tmp_path, f"+data.train.poison={sample}", "checkpoint.every_steps=5")
+    done = run(tmp_path, f"+data.train.poison={sample}", "checkpoint.every_steps=5", launcher=launcher)
     assert f"launcher={'torchrun' if launcher == 'torchrun' else 'Open MPI (mpirun)'} " in done.stderr  # MPI, or none
     assert done.returncode != 0 and time.monotonic() - started < 90
     assert f"NonFiniteLossError: the loss was not finite (NaN or inf) on rank {rank} at step {step}" in done.stderr
