@@ -393,3 +393,80 @@ def test_old_checkpoints_are_deleted_on_a_thread_the_next_save_and_close_wait_fo
     writer.close()
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-2"]
     assert not list(tmp_path.glob(".step-*.partial"))
+
+
+def _equal_states(a, b) -> bool:
+    """Same keys in the same order, equal values; tensors compared by their local values."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_equal_states(v, b[k]) for k, v in a.items())
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal_states(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor):
+        local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
+        return type(a) is type(b) and torch.equal(local(a), local(b))
+    return a == b
+
+
+def test_state_by_name_asks_torch_once_and_renames_from_then_on(process_group, monkeypatch):
+    """A sharded model's state, read at every save: equal to torch's get_state_dict each time (this step's
+    values, the learning rate as it is now), with torch asked only at the first read and again once the
+    optimizer holds other parameters."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from hpcml.compute.checkpoint import sharded
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    mesh = init_device_mesh("cpu", (1,))
+    for block in (model[0], model[2], model):
+        fully_shard(block, mesh=mesh)
+    optimizer = torch.optim.Adam(model[0].parameters(), lr=0.1)
+    model(torch.randn(4, 8)).sum().backward()
+    optimizer.step()
+    asked = []
+    monkeypatch.setattr(sharded, "get_state_dict", lambda *a: asked.append(1) or get_state_dict(*a))
+    reader = sharded.StateByName(model, optimizer)
+
+    def torchs():
+        return get_state_dict(model, optimizer)
+
+    for _ in range(3):
+        model(torch.randn(4, 8)).sum().backward()
+        optimizer.step()
+        optimizer.param_groups[0]["lr"] *= 0.5
+        read, (model_state, optimizer_state) = reader.read(), torchs()
+        assert _equal_states(read, {"model": model_state, "optimizer": optimizer_state})
+    assert read["optimizer"]["param_groups"][0]["lr"] == 0.1 * 0.5**3
+    assert "0.weight" in read["model"] and "0.weight" in read["optimizer"]["state"]
+    assert len(asked) == 1
+
+    optimizer.add_param_group({"params": list(model[2].parameters()), "lr": 0.01})
+    model(torch.randn(4, 8)).sum().backward()
+    optimizer.step()
+    assert _equal_states(reader.read(), dict(zip(("model", "optimizer"), torchs(), strict=True)))
+    assert len(asked) == 2  # other parameters: torch is asked again
+
+
+def test_state_by_name_asks_torch_every_time_where_torch_renames_keys(process_group, monkeypatch):
+    """A DDP-wrapped model's keys carry `module.`, which torch's answer drops: renaming the optimizer's
+    indices alone would not give torch's answer, so every read is torch's."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.nn.parallel import DistributedDataParallel
+
+    from hpcml.compute.checkpoint import sharded
+
+    model = DistributedDataParallel(torch.nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 8)).sum().backward()
+    optimizer.step()
+    asked = []
+    monkeypatch.setattr(sharded, "get_state_dict", lambda *a: asked.append(1) or get_state_dict(*a))
+    reader = sharded.StateByName(model, optimizer)
+    for _ in range(2):
+        read = reader.read()
+        assert list(read["model"]) == ["weight", "bias"]
+        assert read["optimizer"]["param_groups"][0]["params"] == ["weight", "bias"]
+    assert len(asked) == 2

@@ -5,6 +5,7 @@ machine's timings are for reading, not for failing builds.)"""
 
 import json
 import math
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -56,3 +57,9 @@ def test_the_quick_benchmarks_that_need_no_cluster_write_results_and_a_summary(t
     policies = {row["run"]: row["policy"] for row in records["host_memory"]["measurements"]}
     assert policies["fsdp, returned"].startswith("freed host memory returns to the OS at once")
     assert policies["fsdp, kept"].startswith("freed host memory stays in glibc's heap")
+    # Each round's asynchronous stall is the median of that round's several saves.
+    from hpcml.bench.sharding import STALLS_PER_ROUND
+
+    (timed,) = [row for row in records["sharding"]["measurements"] if "async_stall_s" in row]
+    assert [len(saves) for saves in timed["async_stalls_s_each"]] == [STALLS_PER_ROUND] * len(timed["async_stall_s"])
+    assert timed["async_stall_s"] == [statistics.median(saves) for saves in timed["async_stalls_s_each"]]

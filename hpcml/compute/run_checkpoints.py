@@ -57,6 +57,7 @@ class RunCheckpoints:
             if self.sharded
             else None
         )
+        self._state_by_name = sharded.StateByName(self.model, self.optimizer)
         self.last_committed: Path | None = None
         # Called on every rank with the partial folder of a sharded save, once that rank's shard is durable and
         # before the commit (drills.py); empty in a normal run.
@@ -145,7 +146,7 @@ class RunCheckpoints:
     def _save_sharded(self, step: int, header: dict[str, Any], rng_state: dict[str, Any], wait: bool) -> float:
         started = time.perf_counter()
         rest = self.replicated_state() if self.ctx.is_main else None
-        shards = sharded.sharded_state(self.model, self.optimizer)
+        shards = self._state_by_name.read()
         self.sharded_writer.submit(sharded.ShardedSave(step, header, shards, rest, rng_state), wait)
         self.last_committed = self.sharded_writer.last_committed
         return max(time.perf_counter() - started, self.sharded_writer.last_write_s or 0.0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import datetime
 import logging
+import operator
 import shutil
 import time
 from collections.abc import Callable
@@ -68,6 +69,77 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
     tensors otherwise (every rank calls it, at the same step boundary)."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
     return {"model": model_state, "optimizer": optimizer_state}
+
+
+class StateByName:
+    """sharded_state(model, optimizer), read without re-deriving every parameter's name at every save.
+
+    torch's get_state_dict walks the model for each parameter's name on every call: 5-7 ms of an asynchronous
+    save's 15-20 ms stall (the 40 MB LM on 4 ranks, measured), though the names never change in a run. The
+    first read asks torch, and checks that its answer is `model.state_dict()` as it is, with the optimizer's
+    parameter indices replaced by names (what it is for fully_shard's modules and plain ones). Later reads do
+    just that renaming, while the optimizer holds the same parameters in the same order. Where torch's answer
+    is anything else (a wrapped or compiled model renames keys), every read asks torch.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+        self._params: list[torch.Tensor] | None = None  # the optimizer's parameters when the names were learned
+        self._names: list[str] = []  # torch's name for each of them
+
+    def read(self) -> dict[str, Any]:
+        """This rank's model and optimizer state, keyed by parameter name, as sharded_state returns it."""
+        params = self._optimizer_params()
+        if (
+            self._params is not None
+            and len(params) == len(self._params)
+            and all(map(operator.is_, params, self._params))
+        ):
+            return self._renamed(self._names)
+        state = sharded_state(self.model, self.optimizer)
+        names = [name for group in state["optimizer"]["param_groups"] for name in group["params"]]
+        # Only an answer that renaming alone reproduces (same keys, same tensors' shapes) is learned.
+        renames = len(names) == len(params) and _same_structure(self._renamed(names), state)
+        self._params, self._names = (params, names) if renames else (None, [])
+        return state
+
+    def _optimizer_params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def _renamed(self, names: list[str]) -> dict[str, Any]:
+        # torch.optim numbers the parameters across its groups in order, as optimizer.state_dict() keys them.
+        optimizer = self.optimizer.state_dict()
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": {
+                "state": {names[index]: value for index, value in optimizer["state"].items()},
+                "param_groups": [
+                    {**group, "params": [names[index] for index in group["params"]]}
+                    for group in optimizer["param_groups"]
+                ],
+            },
+        }
+
+
+def _same_structure(ours: Any, torchs: Any) -> bool:
+    """Whether two state dicts have the same keys, in the same order, the same values outside tensors, and
+    tensors of the same local shapes and dtypes."""
+    if isinstance(ours, dict):
+        return (
+            isinstance(torchs, dict)
+            and list(ours) == list(torchs)
+            and all(_same_structure(v, torchs[k]) for k, v in ours.items())
+        )
+    if isinstance(ours, (list, tuple)):
+        return (
+            isinstance(torchs, (list, tuple))
+            and len(ours) == len(torchs)
+            and all(_same_structure(a, b) for a, b in zip(ours, torchs, strict=True))
+        )
+    if isinstance(ours, torch.Tensor) or isinstance(torchs, torch.Tensor):
+        return _same_layout(ours, torchs) and type(ours) is type(torchs)
+    return type(ours) is type(torchs) and ours == torchs
 
 
 def shard_entries(written: dict[Path, FileDigest], partial: Path) -> dict[str, dict[str, Any]]:
