@@ -411,8 +411,8 @@ def _equal_states(a, b) -> bool:
 
 def test_state_by_name_asks_torch_once_and_renames_from_then_on(process_group, monkeypatch):
     """A sharded model's state, read at every save: equal to torch's get_state_dict each time (this step's
-    values, the learning rate as it is now), with torch asked only at the first read and again once the
-    optimizer holds other parameters."""
+    values, the learning rate as it is now), with torch asked only at the first read and again, once, when
+    the optimizer or the model holds other parameters."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -446,8 +446,13 @@ def test_state_by_name_asks_torch_once_and_renames_from_then_on(process_group, m
     optimizer.add_param_group({"params": list(model[2].parameters()), "lr": 0.01})
     model(torch.randn(4, 8)).sum().backward()
     optimizer.step()
-    assert _equal_states(reader.read(), dict(zip(("model", "optimizer"), torchs(), strict=True)))
-    assert len(asked) == 2  # other parameters: torch is asked again
+    for _ in range(2):
+        assert _equal_states(reader.read(), dict(zip(("model", "optimizer"), torchs(), strict=True)))
+    assert len(asked) == 2  # the optimizer holds other parameters: torch is asked again, once
+
+    model[0].register_parameter("scale", torch.nn.Parameter(torch.ones(1)))
+    assert "0.scale" in reader.read()["model"]
+    assert len(asked) == 3  # so does a model with another parameter
 
 
 def test_state_by_name_asks_torch_every_time_where_torch_renames_keys(process_group, monkeypatch):

@@ -38,8 +38,8 @@ from hpcml.config import CheckpointConfig, LoaderConfig, TrainConfig, TrainJobCo
 MEMORY_TARGET = 0.35  # FSDP's training state per rank at most 0.35x DDP's (4 ranks; ideal 0.25)
 DISK_TARGET = 0.8  # a sharded save writes at 0.8 of the disk's own speed or better
 ASYNC_STALL_TARGET = 0.1  # an asynchronous sharded save blocks training for at most 0.1x a synchronous save
-# A stall is the slowest of 4 ranks sharing 2 cores here, so one save's can be twice the next's (measured
-# 0.010-0.026 s): each round reports the median of several.
+# A stall is the slowest rank's, on ranks that share cores here: one save's can be twice the next's, so each
+# round reports the median of several.
 STALLS_PER_ROUND = 5
 ENDLESS = 10**9
 RANKS = 4
@@ -367,7 +367,8 @@ def run(quick: bool, workdir: Path) -> BenchResult:
         "Each save is timed with the disk settled: earlier writes flushed, the deletions of older checkpoints that "
         "the saves before it began finished, and the young garbage collection fit makes at step boundaries done; in "
         f"training all three happen between saves. The big state's saves are timed at {RESHARD_RANKS} ranks too "
-        f"({os.cpu_count()} cores here)."
+        f"({os.cpu_count()} cores here). A round's asynchronous stall is the median of {STALLS_PER_ROUND} saves "
+        "(each the slowest rank's); the synchronous save it is set against, one save a round."
     )
     if (os.cpu_count() or 1) < RANKS:
         result.notes.append(

@@ -284,8 +284,47 @@ def deadline_saves_on_its_own_clock_and_requeues(reference_sha):
     assert len(history) >= 2 and history[-1] == "COMPLETED", history
     assert "TIMEOUT" not in history  # it always stopped itself before Slurm killed it
     log = rank0_log(out, job)
-    assert "(deadline): saving a checkpoint" in log and "(signal)" not in log
+    stops = stops_by_attempt(log)
+    assert len(stops) == len(history) and all(stops[:-1]) and stops[-1] is None, f"{history}\n{log[-3000:]}"
+    assert "deadline" in [reason for reason, _ in stops[:-1]], stops
+    # Slurm's own TERM at the limit comes 60 s into an attempt, after the deadline's stop. A stop on a signal
+    # well before that is allowed: a signal that a starved slurmd resent to a new attempt (as the every-kind
+    # test allows; seen 11 s into attempt 3 in CI).
+    into_attempt = [
+        (reason, (at - started) % 86400)
+        for (reason, at), started in zip(stops[:-1], attempt_starts(job)[:-1], strict=True)
+    ]
+    assert all(reason == "deadline" or seconds < 45 for reason, seconds in into_attempt), into_attempt
     assert_nothing_lost(log, STEPS, attempts=len(history))
+
+
+def seconds_of_day(clock: str) -> int:
+    hours, minutes, seconds = map(int, clock.split(":"))
+    return 3600 * hours + 60 * minutes + seconds
+
+
+def attempt_starts(job: str) -> list[int]:
+    """When each attempt of `job` started (sacct), in seconds of the day, oldest first."""
+    out = subprocess.run(
+        ["sacct", "-X", "-D", "-n", "-P", "-j", job, "-o", "Start"], capture_output=True, text=True, check=True
+    ).stdout
+    assert all("T" in start for start in out.split()), out  # every attempt started
+    return [seconds_of_day(start.split("T")[1]) for start in out.split()]
+
+
+def stops_by_attempt(log: str) -> list[tuple[str, int] | None]:
+    """Each attempt's stop in rank 0's log of a job (every attempt's lines): its reason and its time (seconds of
+    the day), or None for an attempt that did not stop."""
+    stops: list[tuple[str, int] | None] = []
+    for line in log.splitlines():
+        if not line.startswith("[rank 0] "):
+            continue
+        if re.search(r" INFO hpcml: rank 0/\d+ on node ", line):
+            stops.append(None)
+        elif stopped := re.search(r"stopping at step \d+ \((\w+)\): saving a checkpoint", line):
+            assert stops and stops[-1] is None, f"two stops in one attempt: {line}"
+            stops[-1] = (stopped.group(1), seconds_of_day(line.split()[2]))
+    return stops
 
 
 def test_kill_9_during_a_save_keeps_the_previous_checkpoint_in_both_layouts(references):

@@ -74,37 +74,43 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
 class StateByName:
     """sharded_state(model, optimizer), read without re-deriving every parameter's name at every save.
 
-    torch's get_state_dict walks the model for each parameter's name on every call: 5-7 ms of an asynchronous
-    save's 15-20 ms stall (the 40 MB LM on 4 ranks, measured), though the names never change in a run. The
-    first read asks torch, and checks that its answer is `model.state_dict()` as it is, with the optimizer's
-    parameter indices replaced by names (what it is for fully_shard's modules and plain ones). Later reads do
-    just that renaming, while the optimizer holds the same parameters in the same order. Where torch's answer
-    is anything else (a wrapped or compiled model renames keys), every read asks torch.
+    torch's get_state_dict walks the model for each parameter's name on every call, a third of an asynchronous
+    save's stall (docs/PERFORMANCE.md), though the names do not change in a run. The first read asks torch and
+    checks that its answer is `model.state_dict()` as it is, with the optimizer's parameter indices replaced
+    by names (what it is for fully_shard's modules and plain ones). Later reads do just that renaming, while
+    the model and the optimizer hold the same parameters in the same order; anything else asks torch again.
+    Where torch's answer is more than a renaming (a wrapped or compiled model renames keys), every read asks
+    torch. torch's set-up of an empty optimizer state (a zero step) happens at the first read, before any
+    later one: a run's optimizer state is never emptied once it exists.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer
-        self._params: list[torch.Tensor] | None = None  # the optimizer's parameters when the names were learned
-        self._names: list[str] = []  # torch's name for each of them
+        self._params: list[torch.Tensor] | None = None  # the parameters when torch was last asked
+        self._names: list[str] | None = None  # torch's name for each optimizer parameter; None: not a renaming
 
     def read(self) -> dict[str, Any]:
         """This rank's model and optimizer state, keyed by parameter name, as sharded_state returns it."""
-        params = self._optimizer_params()
+        params = self._parameters()
         if (
             self._params is not None
             and len(params) == len(self._params)
             and all(map(operator.is_, params, self._params))
         ):
-            return self._renamed(self._names)
+            return self._renamed(self._names) if self._names is not None else sharded_state(self.model, self.optimizer)
         state = sharded_state(self.model, self.optimizer)
         names = [name for group in state["optimizer"]["param_groups"] for name in group["params"]]
         # Only an answer that renaming alone reproduces (same keys, same tensors' shapes) is learned.
-        renames = len(names) == len(params) and _same_structure(self._renamed(names), state)
-        self._params, self._names = (params, names) if renames else (None, [])
+        renames = len(names) == sum(len(g["params"]) for g in self.optimizer.param_groups) and _same_structure(
+            self._renamed(names), state
+        )
+        if not renames and self._params is None:
+            log.info("sharded saves read the state through torch's get_state_dict at every save (it renames keys)")
+        self._params, self._names = params, (names if renames else None)
         return state
 
-    def _optimizer_params(self) -> list[torch.Tensor]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
+    def _parameters(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]] + list(self.model.parameters())
 
     @torch.no_grad()
     def _renamed(self, names: list[str]) -> dict[str, Any]:
@@ -138,8 +144,9 @@ def _same_structure(ours: Any, torchs: Any) -> bool:
             and all(_same_structure(a, b) for a, b in zip(ours, torchs, strict=True))
         )
     if isinstance(ours, torch.Tensor) or isinstance(torchs, torch.Tensor):
-        return _same_layout(ours, torchs) and type(ours) is type(torchs)
-    return type(ours) is type(torchs) and ours == torchs
+        return type(ours) is type(torchs) and _same_layout(ours, torchs)
+    # Both sides read the optimizer's own group values: the same objects (a NaN is not equal to itself).
+    return ours is torchs or (type(ours) is type(torchs) and ours == torchs)
 
 
 def shard_entries(written: dict[Path, FileDigest], partial: Path) -> dict[str, dict[str, Any]]:
