@@ -84,6 +84,41 @@ def test_a_short_write_fails_instead_of_vouching_for_bytes_never_written(tmp_pat
     assert writer.size == 0
 
 
+def test_a_big_file_is_handed_to_the_disk_in_stretches_as_it_is_written(tmp_path, monkeypatch):
+    """Every WRITEBACK_CHUNK bytes written, the kernel is asked (sync_file_range, here on Linux, succeeding) to
+    start writing the stretch since the last one, in order from the file's start, with those bytes in the file
+    already; the file and its checksum are as without it. An in-memory file is only hashed."""
+    import io
+
+    from hpcml import fileio
+
+    chunk = fileio.WRITEBACK_CHUNK
+    asked = []
+
+    def start_writeback(fd, offset, nbytes):
+        asked.append((offset, nbytes, os.fstat(fd).st_size))
+        started = real(fd, offset, nbytes)
+        assert started  # Linux's sync_file_range, on this file system
+        return started
+
+    real = fileio.start_writeback
+    monkeypatch.setattr(fileio, "start_writeback", start_writeback)
+    data = os.urandom(2 * chunk + chunk // 2)
+    path = tmp_path / "big"
+    digest = fileio.write_hashed(path, lambda f: [f.write(data[i : i + 4000]) for i in range(0, len(data), 4000)])
+    assert path.read_bytes() == data and digest == on_disk(path)
+    ends = [offset + nbytes for offset, nbytes, _ in asked]
+    assert [offset for offset, _, _ in asked] == [0, *ends[:-1]] and len(asked) == 2
+    assert all(nbytes >= chunk for _, nbytes, _ in asked)
+    assert all(size >= end for (_, _, size), end in zip(asked, ends, strict=True))
+
+    asked.clear()
+    in_memory = HashingWriter(io.BytesIO())
+    in_memory.write(data)
+    in_memory.write(data)
+    assert asked == [] and in_memory.size == 2 * len(data)
+
+
 def test_a_rank_vouches_for_its_files_by_their_place_in_the_shards_folder(tmp_path):
     partial = tmp_path / "step-00000007.partial"
     digest = FileDigest(DEFAULT_CHECKSUM, "ab", 2)
