@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import io
+import mmap
 import os
 import queue
 import threading
@@ -45,8 +46,8 @@ _SYNC_FILE_RANGE = _sync_file_range()
 
 
 def start_writeback(fd: int, offset: int, nbytes: int) -> bool:
-    """Ask the kernel to start writing `nbytes` of `fd` from `offset` to the disk, without waiting; whether
-    it could (not on a platform without sync_file_range, nor where the file system refuses)."""
+    """Ask the kernel to start writing `nbytes` of `fd` from `offset` to the disk, without waiting for it to
+    finish; whether it could (not on a platform without sync_file_range, nor where the file system refuses)."""
     return _SYNC_FILE_RANGE is not None and _SYNC_FILE_RANGE(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE) == 0
 
 
@@ -65,7 +66,7 @@ class HashingWriter:
         self.algorithm = algorithm
         self.digest = CHECKSUMS[algorithm]()
         self.size = 0
-        self._written_back: int | None = 0  # bytes handed to the disk's writeback; None: not a local file
+        self._written_back: int | None = 0  # bytes handed to the disk's writeback; None: writeback off
 
     def write(self, data) -> int:
         view = memoryview(data)
@@ -82,15 +83,17 @@ class HashingWriter:
 
     def _start_writeback(self) -> None:
         # The file is written front to back from its start, so what passed through here is its first `size`
-        # bytes; the buffered file hands them to the page cache first.
+        # bytes; the buffered file hands them to the page cache first. Whole pages only: the last one, still
+        # being filled, would be written twice.
         try:
             self.raw.flush()
             fd = self.raw.fileno()
         except (AttributeError, io.UnsupportedOperation):  # an in-memory file: nothing to write back
             self._written_back = None
             return
-        started = start_writeback(fd, self._written_back, self.size - self._written_back)
-        self._written_back = self.size if started else None
+        end = self.size - self.size % mmap.PAGESIZE
+        started = start_writeback(fd, self._written_back, end - self._written_back)
+        self._written_back = end if started else None
 
     def flush(self) -> None:
         self.raw.flush()

@@ -1,3 +1,4 @@
+import mmap
 import os
 import re
 
@@ -5,10 +6,11 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from hpcml import fileio
 from hpcml.compute.checkpoint import CheckpointCorruptError
 from hpcml.compute.checkpoint.hashing_fs import HashingFileSystem
 from hpcml.compute.checkpoint.sharded import SHARDS_DIR, shard_entries
-from hpcml.fileio import DEFAULT_CHECKSUM, FileDigest, HashingWriter, digest_of
+from hpcml.fileio import CHECKSUMS, DEFAULT_CHECKSUM, FileDigest, HashingWriter, digest_of
 
 
 def on_disk(path) -> FileDigest:
@@ -84,13 +86,12 @@ def test_a_short_write_fails_instead_of_vouching_for_bytes_never_written(tmp_pat
     assert writer.size == 0
 
 
+@pytest.mark.skipif(fileio._SYNC_FILE_RANGE is None, reason="needs Linux's sync_file_range")
 def test_a_big_file_is_handed_to_the_disk_in_stretches_as_it_is_written(tmp_path, monkeypatch):
     """Every WRITEBACK_CHUNK bytes written, the kernel is asked (sync_file_range, here on Linux, succeeding) to
-    start writing the stretch since the last one, in order from the file's start, with those bytes in the file
-    already; the file and its checksum are as without it. An in-memory file is only hashed."""
+    start writing the whole pages since the last stretch, in order from the file's start, with those bytes in
+    the file already; the file and its checksum are as without it. An in-memory file is hashed and never handed on."""
     import io
-
-    from hpcml import fileio
 
     chunk = fileio.WRITEBACK_CHUNK
     asked = []
@@ -109,14 +110,41 @@ def test_a_big_file_is_handed_to_the_disk_in_stretches_as_it_is_written(tmp_path
     assert path.read_bytes() == data and digest == on_disk(path)
     ends = [offset + nbytes for offset, nbytes, _ in asked]
     assert [offset for offset, _, _ in asked] == [0, *ends[:-1]] and len(asked) == 2
-    assert all(nbytes >= chunk for _, nbytes, _ in asked)
+    assert all(nbytes >= chunk and end % mmap.PAGESIZE == 0 for (_, nbytes, _), end in zip(asked, ends, strict=True))
     assert all(size >= end for (_, _, size), end in zip(asked, ends, strict=True))
 
     asked.clear()
     in_memory = HashingWriter(io.BytesIO())
     in_memory.write(data)
     in_memory.write(data)
-    assert asked == [] and in_memory.size == 2 * len(data)
+    assert asked == [] and in_memory.raw.getvalue() == data + data
+    assert in_memory.digest.hexdigest() == CHECKSUMS[DEFAULT_CHECKSUM](data + data).hexdigest()
+
+
+def test_a_file_system_that_refuses_writeback_still_gets_the_whole_file_and_its_checksum(tmp_path, monkeypatch):
+    """Where sync_file_range fails (a pipe, a file system without it), the writer asks once, stops asking,
+    and the file is written and hashed as ever."""
+    refused = []
+    monkeypatch.setattr(fileio, "start_writeback", lambda fd, offset, nbytes: refused.append(offset) or False)
+    data = os.urandom(3 * fileio.WRITEBACK_CHUNK)
+    path = tmp_path / "big"
+    digest = fileio.write_hashed(path, lambda f: [f.write(data[i : i + 65536]) for i in range(0, len(data), 65536)])
+    assert refused == [0] and path.read_bytes() == data and digest == on_disk(path)
+
+
+def test_dcp_shards_handed_to_the_disk_mid_file_keep_their_offsets(tmp_path, monkeypatch):
+    """A stretch handed on in the middle of DCP's save (a flush between its items) moves none of the offsets
+    DCP records: the shards load back equal, and their checksums are the files' own."""
+    monkeypatch.setattr(fileio, "WRITEBACK_CHUNK", 4096)
+    writer = dcp.FileSystemWriter(tmp_path, sync_files=True)
+    writer.fs = HashingFileSystem()
+    state = {"w": torch.randn(64, 32), "b": torch.arange(7), "v": torch.randn(3000)}
+    dcp.save(state, storage_writer=writer, no_dist=True)
+    for path, digest in writer.fs.digests.items():
+        assert digest == on_disk(path), path.name
+    loaded = {"w": torch.empty(64, 32), "b": torch.empty(7, dtype=torch.int64), "v": torch.empty(3000)}
+    dcp.load(loaded, checkpoint_id=tmp_path, no_dist=True)
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
 
 
 def test_a_rank_vouches_for_its_files_by_their_place_in_the_shards_folder(tmp_path):
