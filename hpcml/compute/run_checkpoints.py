@@ -57,7 +57,7 @@ class RunCheckpoints:
             if self.sharded
             else None
         )
-        self._state_by_name = sharded.StateByName(self.model, self.optimizer)
+        self._state_by_name = sharded.StateByName(self.model, self.optimizer) if self.sharded else None
         self.last_committed: Path | None = None
         # Called on every rank with the partial folder of a sharded save, once that rank's shard is durable and
         # before the commit (drills.py); empty in a normal run.

@@ -100,10 +100,11 @@ class StateByName:
             return self._renamed(self._names) if self._names is not None else sharded_state(self.model, self.optimizer)
         state = sharded_state(self.model, self.optimizer)
         names = [name for group in state["optimizer"]["param_groups"] for name in group["params"]]
-        # Only an answer that renaming alone reproduces (same keys, same tensors' shapes) is learned.
-        renames = len(names) == sum(len(g["params"]) for g in self.optimizer.param_groups) and _same_structure(
-            self._renamed(names), state
-        )
+        # Only an answer that renaming alone reproduces is learned. Both read the same values (views of the live
+        # tensors, the optimizer's own per-parameter state and group settings): the keys decide.
+        renames = len(names) == sum(len(g["params"]) for g in self.optimizer.param_groups) and _keys(
+            self._renamed(names)
+        ) == _keys(state)
         if not renames and self._params is None:
             log.info("sharded saves read the state through torch's get_state_dict at every save (it renames keys)")
         self._params, self._names = params, (names if renames else None)
@@ -128,25 +129,16 @@ class StateByName:
         }
 
 
-def _same_structure(ours: Any, torchs: Any) -> bool:
-    """Whether two state dicts have the same keys, in the same order, the same values outside tensors, and
-    tensors of the same local shapes and dtypes."""
-    if isinstance(ours, dict):
-        return (
-            isinstance(torchs, dict)
-            and list(ours) == list(torchs)
-            and all(_same_structure(v, torchs[k]) for k, v in ours.items())
-        )
-    if isinstance(ours, (list, tuple)):
-        return (
-            isinstance(torchs, (list, tuple))
-            and len(ours) == len(torchs)
-            and all(_same_structure(a, b) for a, b in zip(ours, torchs, strict=True))
-        )
-    if isinstance(ours, torch.Tensor) or isinstance(torchs, torch.Tensor):
-        return type(ours) is type(torchs) and _same_layout(ours, torchs)
-    # Both sides read the optimizer's own group values: the same objects (a NaN is not equal to itself).
-    return ours is torchs or (type(ours) is type(torchs) and ours == torchs)
+def _keys(state: dict[str, Any]) -> tuple:
+    """A model-and-optimizer state's keys, in order: the model's, the optimizer's, its parameters' and each
+    group's parameter names."""
+    optimizer = state["optimizer"]
+    return (
+        list(state["model"]),
+        list(optimizer),
+        list(optimizer.get("state", {})),
+        [group.get("params") for group in optimizer.get("param_groups", [])],
+    )
 
 
 def shard_entries(written: dict[Path, FileDigest], partial: Path) -> dict[str, dict[str, Any]]:
